@@ -1,0 +1,301 @@
+"""Load guided-diffusion checkpoints: safe reading, layout inference, presets, clear errors.
+
+The UNet's architecture is read off the state dict (widths, levels, residual blocks, attention
+placement, class embedding, learned sigma, scale-shift norm, resblock up/down). Three facts leave
+no trace in the shapes -- heads vs head width, legacy vs new attention order, the noise schedule --
+and come from presets for the published files (matched by file name, then by architecture), and
+can always be overridden with guided-diffusion's own flag names.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from .schedule import DiffusionSchedule, Spacing
+from .unet import UNetConfig, UNetModel
+
+MODEL_FOLDER = "models/guided_diffusion"
+BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
+
+# file name -> (what it is, the flags shapes can't tell). Sizes are of the float32 files.
+PRESETS: dict[str, dict[str, Any]] = {
+    "256x256_diffusion_uncond.pt": dict(about="ImageNet 256x256 unconditional (DiffuseIT, Blended Diffusion)",
+                                        size="2.2 GB", image_size=256, num_head_channels=64),
+    "256x256_diffusion.pt": dict(about="ImageNet 256x256 class-conditional", size="2.2 GB",
+                                 image_size=256, num_head_channels=64),
+    "512x512_diffusion.pt": dict(about="ImageNet 512x512 class-conditional", size="2.2 GB",
+                                 image_size=512, num_head_channels=64),
+    "128x128_diffusion.pt": dict(about="ImageNet 128x128 class-conditional", size="1.7 GB",
+                                 image_size=128, num_heads=4, num_head_channels=-1),
+    "64x64_diffusion.pt": dict(about="ImageNet 64x64 class-conditional", size="1.2 GB", image_size=64,
+                               num_head_channels=64, noise_schedule="cosine", use_new_attention_order=True),
+    "lsun_bedroom.pt": dict(about="LSUN bedroom 256x256", size="2.2 GB", image_size=256, num_head_channels=64),
+    "lsun_cat.pt": dict(about="LSUN cat 256x256", size="2.2 GB", image_size=256, num_head_channels=64),
+    "lsun_horse.pt": dict(about="LSUN horse 256x256", size="2.2 GB", image_size=256, num_head_channels=64),
+    "lsun_horse_nodropout.pt": dict(about="LSUN horse 256x256, trained without dropout", size="2.2 GB",
+                                    image_size=256, num_head_channels=64),
+    "ffhq_10m.pt": dict(about="FFHQ 256x256 (DiffuseIT's face model, P2-weighting release)", size="0.5 GB",
+                        image_size=256, num_head_channels=64, url=None),
+}
+# upstream's default channel_mult per image size; used to guess the size of an unknown file
+_SIZE_BY_MULT = {(0.5, 1, 1, 2, 2, 4, 4): 512, (1, 1, 2, 2, 4, 4): 256, (1, 1, 2, 3, 4): 128, (1, 2, 3, 4): 64}
+_FLAG_NAMES = {"image_size", "num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order",
+               "noise_schedule", "diffusion_steps", "learn_sigma", "class_cond"}
+
+
+class CheckpointError(ValueError):
+    """A file that exists but is not a usable guided-diffusion UNet checkpoint."""
+
+
+class MissingWeightsError(FileNotFoundError):
+    """The checkpoint file is not where it was looked for."""
+
+
+def download_url(file_name: str) -> Optional[str]:
+    preset = PRESETS.get(file_name)
+    if preset is None:
+        return None
+    return preset.get("url", BASE_URL + file_name)
+
+
+def _missing_message(path: str) -> str:
+    name = os.path.basename(path)
+    url = download_url(name) or BASE_URL + "256x256_diffusion_uncond.pt"
+    return (f"DDPM checkpoint not found: {path!r}. Put guided-diffusion checkpoints in ComfyUI's "
+            f"'{MODEL_FOLDER}' folder (or pass a full path). {name!r} can be downloaded from {url} "
+            f"(or run: python -m core.cli download {name}).")
+
+
+def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """Read a flat tensor dict from .safetensors or a torch file, never executing pickled code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingWeightsError(_missing_message(path))
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path!r}: it contains pickled Python objects other than tensors, which could run "
+            f"arbitrary code. Only plain state dicts (or .safetensors) are loaded. Details: {str(exc).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path!r} could not be read: the file is truncated or corrupt "
+                              f"(re-download it). Details: {str(exc).splitlines()[0]}") from None
+    return unwrap_state_dict(loaded, path)
+
+
+def unwrap_state_dict(loaded: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Accept a flat dict or the usual wrappers ({'state_dict': ...}, {'model': ...}, DDP 'module.')."""
+    for key in ("ema", "state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise CheckpointError(f"{where} does not hold a state dict (found {type(loaded).__name__})")
+    sd = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _describe_foreign(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+    keys = list(sd)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return ("a Stable Diffusion / latent-diffusion checkpoint (keys 'model.diffusion_model.*'); load it with "
+                "ComfyUI's Load Checkpoint node. This loader needs a pixel-space guided-diffusion UNet such as "
+                "256x256_diffusion_uncond.pt")
+    if any(k.startswith(("conv_in.", "down_blocks.", "up_blocks.")) for k in keys):
+        return "a diffusers UNet (keys 'down_blocks.*'); it is not a guided-diffusion checkpoint"
+    if any(k.startswith(("blocks.", "cls_token", "visual.", "transformer.", "token_embedding")) for k in keys):
+        return "a ViT / CLIP / DINO model (keys like 'blocks.*' or 'visual.*'), not a diffusion UNet"
+    if "time_embed.0.weight" in sd and "input_blocks.0.0.weight" in sd and "out.2.weight" not in sd:
+        return "a guided-diffusion noisy-image classifier (EncoderUNetModel), not a diffusion UNet"
+    if "time_embed.0.weight" not in sd or "input_blocks.0.0.weight" not in sd:
+        return f"not a guided-diffusion UNet (first keys: {', '.join(keys[:4])})"
+    return None
+
+
+def infer_unet_config(sd: Mapping[str, torch.Tensor], **flags: Any) -> UNetConfig:
+    """Read the architecture off a guided-diffusion state dict; ``flags`` fill in what shapes can't tell."""
+    model_channels = sd["time_embed.0.weight"].shape[1]
+    in_channels = sd["input_blocks.0.0.weight"].shape[1]
+    out_channels = sd["out.2.weight"].shape[0]
+    n_out = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("output_blocks."))
+
+    def children(prefix: str) -> set[str]:
+        return {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
+
+    def is_upsampler(block: int) -> bool:
+        # a third child (or a second one that is not attention) carries the upsampling
+        return any(c != "0" and f"output_blocks.{block}.{c}.qkv.weight" not in sd
+                   for c in children(f"output_blocks.{block}."))
+
+    num_res_blocks = next((i for i in range(n_out) if is_upsampler(i)), n_out - 1)
+    levels = n_out // (num_res_blocks + 1)
+    mult, attention_ds = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        width = sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0]
+        mult.append(width / model_channels if width % model_channels else width // model_channels)
+        if f"input_blocks.{first}.1.qkv.weight" in sd:
+            attention_ds.append(2 ** level)
+    first_res = "input_blocks.1.0"
+    scale_shift = sd[f"{first_res}.emb_layers.1.weight"].shape[0] == 2 * sd[f"{first_res}.out_layers.3.weight"].shape[0]
+    updown = levels > 1 and f"input_blocks.{num_res_blocks + 1}.0.in_layers.0.weight" in sd
+    label = sd.get("label_emb.weight")
+    channel_mult = tuple(mult)
+    image_size = flags.get("image_size") or _SIZE_BY_MULT.get(channel_mult) or 32 * min(attention_ds or [1])
+    return UNetConfig(
+        image_size=int(image_size), in_channels=in_channels, model_channels=model_channels,
+        out_channels=out_channels, num_res_blocks=num_res_blocks, attention_ds=tuple(attention_ds),
+        channel_mult=channel_mult, num_classes=None if label is None else label.shape[0],
+        num_heads=flags.get("num_heads", 4), num_head_channels=flags.get("num_head_channels", 64),
+        num_heads_upsample=flags.get("num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
+        resblock_updown=updown, use_new_attention_order=flags.get("use_new_attention_order", False),
+    )
+
+
+def _preset_for(name: Optional[str], cfg: UNetConfig) -> dict[str, Any]:
+    if name and name in PRESETS:
+        return PRESETS[name]
+    # a renamed published file: recognise it by architecture
+    if cfg.model_channels == 192 and cfg.channel_mult == (1, 2, 3, 4):
+        return PRESETS["64x64_diffusion.pt"]
+    if cfg.model_channels == 256 and cfg.channel_mult == (1, 1, 2, 3, 4):
+        return PRESETS["128x128_diffusion.pt"]
+    return {}
+
+
+@dataclass
+class DDPM:
+    """A loaded pixel-space DDPM: the UNet plus the diffusion facts needed to sample from it."""
+
+    unet: UNetModel
+    config: UNetConfig
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    learn_sigma: bool = True
+    source: str = "<state dict>"
+    flags: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def class_cond(self) -> bool:
+        return self.config.num_classes is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.out[2].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.body_dtype
+
+    def schedule(self, timestep_respacing: Spacing = None) -> DiffusionSchedule:
+        return DiffusionSchedule.create(self.diffusion_steps, self.noise_schedule, timestep_respacing)
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "DDPM":
+        with torch.inference_mode(False):
+            if device is not None:
+                self.unet.to(device)
+            if dtype is not None:
+                self.unet.convert_body(dtype)
+        return self
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_ddpm(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *, dtype: Union[str, torch.dtype] = "fp32",
+              device: Union[str, torch.device] = "cpu", **overrides: Any) -> DDPM:
+    """Load a guided-diffusion UNet from a path (.pt/.pth/.safetensors) or a state dict.
+
+    ``overrides`` use guided-diffusion's flag names: image_size, num_heads, num_head_channels,
+    num_heads_upsample, use_new_attention_order, noise_schedule, diffusion_steps. The model is built
+    on the meta device and the file's tensors are assigned into it, so nothing is allocated twice;
+    a state dict of meta tensors therefore checks a layout without any memory.
+    """
+    unknown = set(overrides) - _FLAG_NAMES
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; expected guided-diffusion flags {sorted(_FLAG_NAMES)}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of fp32, fp16, bf16; got {dtype!r}")
+        dtype = DTYPES[dtype]
+    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; guidance needs grads later
+        if isinstance(source, Mapping):
+            sd, name, where = unwrap_state_dict(source), None, "<state dict>"
+        else:
+            where = os.fspath(source)
+            sd, name = read_state_dict(where), os.path.basename(where)
+        foreign = _describe_foreign(sd)
+        if foreign:
+            raise CheckpointError(f"{where} is {foreign}.")
+        try:
+            cfg = infer_unet_config(sd)
+        except (KeyError, IndexError, StopIteration, ValueError) as exc:
+            raise CheckpointError(f"{where}: the guided-diffusion UNet layout could not be read ({exc!r}); "
+                                  "the file may be truncated or from another code base") from None
+        if cfg.in_channels != 3 or cfg.out_channels not in (3, 6):
+            raise CheckpointError(f"{where} has {cfg.in_channels} input / {cfg.out_channels} output channels: "
+                                  "super-resolution upsamplers and other variants are not supported; use a "
+                                  "3-channel generator such as 256x256_diffusion_uncond.pt")
+        flags = {k: v for k, v in _preset_for(name, cfg).items() if k in _FLAG_NAMES}
+        flags.update(overrides)
+        cfg = infer_unet_config(sd, **flags)
+        try:
+            with torch.device("meta"):
+                unet = UNetModel(cfg)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}. Pass the right head layout, e.g. num_head_channels=... "
+                                  "or num_head_channels=-1 with num_heads=...") from None
+        tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+        try:
+            unet.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{where} does not match the inferred UNet layout {cfg}: "
+                                  f"{str(exc).splitlines()[0]} ... (override flags such as num_head_channels?)") from None
+        unet.eval().requires_grad_(False)
+        if unet.out[2].weight.device.type != "meta":
+            unet.to(device)
+            if dtype != torch.float32:
+                unet.convert_body(dtype)
+    return DDPM(unet=unet, config=cfg, diffusion_steps=int(flags.get("diffusion_steps", 1000)),
+                noise_schedule=flags.get("noise_schedule", "linear"), learn_sigma=cfg.out_channels == 2 * cfg.in_channels,
+                source=where, flags=flags)
+
+
+def parse_flags(text: str) -> dict[str, Any]:
+    """Parse 'num_head_channels=64, noise_schedule=cosine' into typed override keywords."""
+    flags: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in (text or "").replace("\n", ",").split(","))):
+        if "=" not in part:
+            raise ValueError(f"override {part!r} must look like name=value (e.g. num_head_channels=64)")
+        key, value = (s.strip().lstrip("-") for s in part.split("=", 1))
+        if key not in _FLAG_NAMES:
+            raise ValueError(f"unknown override {key!r}; expected one of {sorted(_FLAG_NAMES)}")
+        low = value.lower()
+        if low in ("true", "false"):
+            flags[key] = low == "true"
+        else:
+            try:
+                flags[key] = int(value)
+            except ValueError:
+                flags[key] = value
+    return flags

@@ -1,0 +1,77 @@
+"""Guidance as values: the term protocol shared by DiffuseIT and Blended Diffusion.
+
+A guidance term is an immutable description (weights, settings, models) that is *prepared* once
+per run from the source image (DINO keys of the source, CLIP text directions, ...) and then
+evaluated on the predicted x0 at every guided step. Terms know nothing about the UNet or the
+sampler; the sampler knows nothing about DINO or CLIP. Terms combine by summing.
+
+Contract
+--------
+``term.prepare(source) -> PreparedTerm`` is called once per run, outside the step loop.
+``source`` is the source image batch, NCHW float32 in [-1, 1] at model resolution, already
+expanded to the sampling batch (one row per sample).
+
+``prepared(predicted_x0, ctx) -> Tensor[B]`` returns the *weighted* loss of every sample. The
+sampler sums the rows and differentiates w.r.t. x_t. Returning per-sample values (rather than a
+batch mean) is what makes a batch of N samples equal N serial runs with the same seeds; where an
+upstream reduction mixes the batch, the term documents how it reproduces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
+
+from .schedule import DiffusionSchedule
+
+
+@dataclass
+class StepContext:
+    """What a guidance term may look at during one guided step.
+
+    ``t_index`` is the respaced index (0..N-1) and ``t`` the original timestep the UNet sees
+    (``schedule.timestep_map[t_index]``), both shape [B]. ``x_t`` is the noisy sample the gradient
+    is taken against (it requires grad). ``prev_x0`` is the previous step's detached x0 prediction
+    (None at the first guided step). ``source`` is the (batch-expanded) source image in [-1, 1].
+    ``step`` counts guided steps taken so far in this run (resampling repeats included).
+    """
+
+    t_index: torch.Tensor
+    t: torch.Tensor
+    x_t: torch.Tensor
+    schedule: DiffusionSchedule
+    source: torch.Tensor
+    prev_x0: Optional[torch.Tensor] = None
+    step: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        """Length of the respaced schedule (e.g. 100 for "100")."""
+        return self.schedule.num_timesteps
+
+
+class PreparedTerm(Protocol):
+    name: str
+
+    def __call__(self, predicted_x0: torch.Tensor, ctx: StepContext) -> torch.Tensor: ...
+
+
+class GuidanceTerm(Protocol):
+    name: str
+
+    def prepare(self, source: torch.Tensor) -> PreparedTerm: ...
+
+
+Guidance = Sequence[Any]  # an ordered tuple of GuidanceTerm values; see combine()
+
+
+def combine(*parts: Optional[Sequence[Any]]) -> tuple:
+    """Concatenate guidance tuples (None = no guidance yet) into a new tuple."""
+    out: list = []
+    for p in parts:
+        if p:
+            out.extend(p)
+    return tuple(out)

@@ -1,0 +1,59 @@
+"""Image I/O and conversions between files, ComfyUI's IMAGE layout and the model's [-1, 1] NCHW."""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+import torch
+
+
+def to_model(image_bhwc: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] in [0,1] -> model input [B,3,H,W] in [-1,1] (alpha dropped, gray expanded)."""
+    if image_bhwc.dim() == 3:
+        image_bhwc = image_bhwc[None]
+    if image_bhwc.dim() != 4:
+        raise ValueError(f"image must be [B,H,W,C], got shape {tuple(image_bhwc.shape)}")
+    channels = image_bhwc.shape[-1]
+    if channels == 1:
+        image_bhwc = image_bhwc.expand(-1, -1, -1, 3)
+    elif channels == 4:
+        image_bhwc = image_bhwc[..., :3]
+    elif channels != 3:
+        raise ValueError(f"image must have 1, 3 or 4 channels, got {channels}")
+    return image_bhwc.movedim(-1, 1).float().clamp(0, 1) * 2 - 1
+
+
+def from_model(x: torch.Tensor) -> torch.Tensor:
+    """Model output [B,3,H,W] in [-1,1] -> ComfyUI IMAGE [B,H,W,3] in [0,1]."""
+    return ((x.detach().float().clamp(-1, 1) + 1) / 2).movedim(1, -1)
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Read any PIL-readable file as [1,3,H,W] in [-1,1] (alpha dropped, grayscale expanded, 16-bit scaled)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    return to_model(torch.from_numpy(rgb)[None])
+
+
+def save_image(x: torch.Tensor, path: str) -> list[str]:
+    """Save a [B,3,H,W] batch in [-1,1] as PNG(s); never overwrites: a taken name gets a counter."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    stem, ext = os.path.splitext(path)
+    ext = ext or ".png"
+    arrays = (from_model(x) * 255).round().to(torch.uint8).cpu().numpy()
+    written = []
+    for b, arr in enumerate(arrays):
+        candidate = f"{stem}{'' if len(arrays) == 1 else f'_{b:03d}'}{ext}"
+        n = 1
+        while os.path.exists(candidate):
+            candidate = f"{stem}{'' if len(arrays) == 1 else f'_{b:03d}'}_{n}{ext}"
+            n += 1
+        Image.fromarray(arr).save(candidate)
+        written.append(candidate)
+    return written

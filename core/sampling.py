@@ -1,0 +1,117 @@
+"""Reverse-process steps and the plain sampler, as small functions over (model, x, schedule).
+
+Step functions take the UNet's raw output already turned into p(x_{t-1}|x_t) statistics by
+:func:`schedule.p_mean_variance`, plus an optional guidance gradient, and return the next x.
+The loop (:func:`sample`) is shared with guided sampling through ``step_fn``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .schedule import (DiffusionSchedule, MeanVariance, eps_from_x0, extract, p_mean_variance,
+                       predict_x0_from_eps, q_sample)
+
+Callback = Callable[[dict], None]
+
+
+def model_output(unet: torch.nn.Module, x: torch.Tensor, t_index: torch.Tensor, schedule: DiffusionSchedule,
+                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Call the UNet with the *original* timesteps of respaced indices, as SpacedDiffusion does."""
+    return unet(x, schedule.model_timesteps(t_index), y)
+
+
+def ddpm_step(schedule: DiffusionSchedule, mv: MeanVariance, x_t: torch.Tensor, t_index: torch.Tensor,
+              noise: torch.Tensor, cond_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Ancestral step x_{t-1} = mu + Sigma g + sigma z (Ho et al. alg. 2; Dhariwal & Nichol eq. 10 for g).
+
+    The guidance gradient g = grad log p(y|x_t) shifts the mean by the step's variance; no noise is
+    added at index 0.
+    """
+    mean = mv.mean if cond_grad is None else mv.mean + mv.variance * cond_grad.float()
+    nonzero = (t_index != 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))
+    return mean + nonzero * torch.exp(0.5 * mv.log_variance) * noise
+
+
+def ddim_step(schedule: DiffusionSchedule, mv: MeanVariance, x_t: torch.Tensor, t_index: torch.Tensor,
+              noise: torch.Tensor, eta: float = 0.0,
+              cond_grad: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM update (Song et al. eq. 12) with optional score correction (Dhariwal & Nichol eq. 14).
+
+    eps is re-derived from the (possibly clipped) x0; guidance replaces it with
+    eps - sqrt(1 - abar) g and re-derives x0 from that *without* clipping, as upstream. Returns
+    (x_{t-1}, predicted_x0 actually used).
+    """
+    pred_xstart = mv.pred_xstart
+    eps = eps_from_x0(schedule, x_t, t_index, pred_xstart)
+    if cond_grad is not None:
+        eps = eps - extract(schedule.sqrt_one_minus_alphas_cumprod, t_index, x_t) * cond_grad.float()
+        pred_xstart = predict_x0_from_eps(schedule, x_t, t_index, eps)
+    abar = extract(schedule.alphas_cumprod, t_index, x_t)
+    abar_prev = extract(schedule.alphas_cumprod_prev, t_index, x_t)
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+    mean = pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+    nonzero = (t_index != 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))
+    return mean + nonzero * sigma * noise, pred_xstart
+
+
+class NoiseSource:
+    """Per-sample CPU generators: row b of every draw depends only on (seed + b), never on the batch.
+
+    That makes a batch of N samples identical to N single runs with seeds seed, seed+1, ... and
+    independent of the device, like ComfyUI's CPU noise.
+    """
+
+    def __init__(self, seed: int, batch: int, device: Union[str, torch.device] = "cpu"):
+        self.generators = [torch.Generator("cpu").manual_seed((int(seed) + b) % 2 ** 64) for b in range(batch)]
+        self.device = device
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        rows = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+
+def timesteps_to_run(schedule: DiffusionSchedule, skip_timesteps: int = 0) -> list[int]:
+    """Respaced indices visited by the loop: N-1-skip down to 0."""
+    if not 0 <= skip_timesteps < schedule.num_timesteps:
+        raise ValueError(f"skip_timesteps must be in [0, {schedule.num_timesteps - 1}], got {skip_timesteps}")
+    return list(range(schedule.num_timesteps - 1 - skip_timesteps, -1, -1))
+
+
+def sample(unet: torch.nn.Module, schedule: DiffusionSchedule, shape: Sequence[int], *, seed: int = 0,
+           sampler: str = "ddpm", eta: float = 0.0, clip_denoised: bool = True,
+           y: Optional[torch.Tensor] = None, init_image: Optional[torch.Tensor] = None, skip_timesteps: int = 0,
+           x_T: Optional[torch.Tensor] = None, callback: Optional[Callback] = None,
+           learn_sigma: bool = True, noise_source: Optional[Any] = None) -> torch.Tensor:
+    """Unguided DDPM/DDIM sampling from noise, or from ``init_image`` noised to step N-1-skip (SDEdit-style).
+
+    ``callback`` receives ``{i, total, t_index, t, x, predicted_x0}`` after every step; raising in it
+    stops sampling (ComfyUI's Cancel). ``noise_source`` (anything with ``randn(shape)`` returning a
+    batch) replaces the seeded per-sample generators, e.g. to replay recorded noise. Returns the final
+    sample in model range [-1, 1] (unclamped).
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    device = next(unet.parameters()).device
+    noise = noise_source if noise_source is not None else NoiseSource(seed, shape[0], device)
+    indices = timesteps_to_run(schedule, skip_timesteps)
+    x = noise.randn(shape[1:]) if x_T is None else x_T.to(device, torch.float32)
+    if init_image is not None:
+        start = torch.full((shape[0],), indices[0], dtype=torch.long, device=device)
+        x = q_sample(schedule, init_image.to(device, torch.float32).expand(shape[0], -1, -1, -1), start, x)
+    for i, k in enumerate(indices):
+        t_index = torch.full((shape[0],), k, dtype=torch.long, device=device)
+        with torch.no_grad():
+            out = model_output(unet, x, t_index, schedule, y).float()
+        mv = p_mean_variance(schedule, out, x, t_index, clip_denoised, learn_sigma)
+        z = noise.randn(shape[1:])  # drawn at every step, as upstream, so streams stay aligned
+        if sampler == "ddpm":
+            x, x0 = ddpm_step(schedule, mv, x, t_index, z), mv.pred_xstart
+        else:
+            x, x0 = ddim_step(schedule, mv, x, t_index, z, eta)
+        if callback is not None:
+            callback({"i": i, "total": len(indices), "t_index": k, "t": int(schedule.timestep_map[k]),
+                      "x": x, "predicted_x0": x0})
+    return x

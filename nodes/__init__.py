@@ -1,0 +1,19 @@
+"""ComfyUI nodes: thin classes that translate ComfyUI types into ``core`` calls."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import comfy_bridge
+from .loaders import LoadDDPM
+
+NODES: list[type[io.ComfyNode]] = [LoadDDPM]
+
+
+class DiffuseITBlendedExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        comfy_bridge.register_model_folders()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+comfy_bridge.register_model_folders()  # before define_schema lists the folders' files

@@ -1,0 +1,133 @@
+"""The only module that touches ComfyUI internals: model folders, devices, memory management, progress.
+
+Everything ComfyUI-specific the nodes need goes through here so the rest of the pack stays a thin
+translation layer over ``core``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+# folder name -> extensions ComfyUI lists in the loader's combo
+MODEL_FOLDERS = {
+    "guided_diffusion": {".pt", ".pth", ".safetensors"},
+    "dino": {".pth", ".pt", ".safetensors"},
+    "clip_guidance": {".pt", ".pth", ".bin", ".safetensors"},
+    "lpips": {".pth", ".pt", ".safetensors"},
+}
+
+
+def register_model_folders() -> None:
+    """Add ``models/<name>`` for each of the pack's folders, keeping paths extra_model_paths.yaml added."""
+    import folder_paths
+
+    for name, extensions in MODEL_FOLDERS.items():
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+        entry = folder_paths.folder_names_and_paths[name]
+        entry[1].update(extensions)  # a freshly created entry has an empty set, which lists every file
+
+
+def model_files(folder: str) -> list[str]:
+    import folder_paths
+
+    try:
+        return folder_paths.get_filename_list(folder)
+    except KeyError:
+        return []
+
+
+def model_path(folder: str, name: str) -> str:
+    """Full path of a file in one of the pack's folders, or a path that explains where it should be."""
+    import folder_paths
+
+    full = folder_paths.get_full_path(folder, name)
+    if full is None:  # let core's loader raise its 'missing weights' message with this location
+        paths = folder_paths.get_folder_paths(folder) if folder in folder_paths.folder_names_and_paths else []
+        full = os.path.join(paths[0] if paths else os.path.join(folder_paths.models_dir, folder), name)
+    return full
+
+
+def torch_device() -> torch.device:
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def offload_device() -> torch.device:
+    import comfy.model_management as mm
+
+    return mm.unet_offload_device()
+
+
+def pick_unet_dtype(choice: str, device: torch.device, n_params: int) -> torch.dtype:
+    """'auto' follows ComfyUI's --fp16-unet/--bf16-unet/--force-fp32 and the device's support."""
+    import comfy.model_management as mm
+
+    if choice != "auto":
+        from ..core.checkpoints import DTYPES
+        return DTYPES[choice]
+    return mm.unet_dtype(device, n_params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+
+
+@dataclass(frozen=True)
+class ManagedModel:
+    """A core model value plus the ComfyUI ModelPatcher that lets ComfyUI load and offload it."""
+
+    value: Any
+    patcher: Any
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.patcher.model
+
+
+def manage(value: Any, module: torch.nn.Module) -> ManagedModel:
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    return ManagedModel(value=value, patcher=patcher)
+
+
+def load_to_device(models: list[ManagedModel], memory_required: int = 0) -> None:
+    """Let ComfyUI make room (evicting other models) and move ours to the compute device."""
+    import comfy.model_management as mm
+
+    with torch.inference_mode(False):  # moving weights inside inference mode would freeze them for autograd
+        mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required, force_full_load=True)
+
+
+class Progress:
+    """ComfyUI's progress bar with a preview of the predicted x0; checks Cancel on every update."""
+
+    def __init__(self, total: int, preview_every: int = 1, preview_size: int = 512):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(total)
+        self.total, self.preview_every, self.preview_size = total, preview_every, preview_size
+
+    def __call__(self, info: dict) -> None:
+        done = info["i"] + 1
+        preview = None
+        if done % self.preview_every == 0 or done == self.total:
+            preview = ("JPEG", to_pil(info["predicted_x0"][0]), self.preview_size)
+        self.bar.update_absolute(done, self.total, preview)
+
+
+def to_pil(x: torch.Tensor):
+    from PIL import Image
+    import numpy as np
+
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def interrupted() -> None:
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()

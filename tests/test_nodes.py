@@ -1,0 +1,88 @@
+"""The ComfyUI entry point registers valid node definitions; LoadDDPM loads through a stub ComfyUI."""
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, fixture_path, load_json
+
+STUB = os.path.join(ROOT, "tests", "comfy_stub")
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    os.environ["STUB_COMFY_MODELS"] = str(models)
+    sys.path.insert(0, STUB)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("folder_paths", "comfy", "comfy_api", "diffuseit_pack")]:
+        del sys.modules[name]
+    spec = importlib.util.spec_from_file_location("diffuseit_pack", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["diffuseit_pack"] = module
+    spec.loader.exec_module(module)
+    yield module, models
+    sys.path.remove(STUB)
+
+
+def node_list(module):
+    ext = asyncio.run(module.comfy_entrypoint())
+    asyncio.run(ext.on_load())
+    return asyncio.run(ext.get_node_list())
+
+
+def test_pack_import_does_not_need_comfy():
+    import subprocess
+    code = "import core, sys; assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_entrypoint_registers_valid_nodes(pack):
+    module, _ = pack
+    nodes = node_list(module)
+    ids = [n.define_schema().node_id for n in nodes]
+    assert "LoadDDPM" in ids and len(ids) == len(set(ids))
+    for node in nodes:
+        schema = node.define_schema()
+        assert schema.category.startswith("DiffuseIT-Blended/"), schema.node_id
+        assert schema.description, schema.node_id
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+        assert schema.outputs
+
+
+def test_model_folders_registered_with_extensions(pack):
+    import folder_paths
+    paths, exts = folder_paths.folder_names_and_paths["guided_diffusion"]
+    assert any(p.endswith("guided_diffusion") for p in paths) and {".pt", ".safetensors"} <= exts
+
+
+def test_load_ddpm_node(pack):
+    module, models = pack
+    folder = models / "guided_diffusion"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(fixture_path("guided_diffusion", "tiny_unet.safetensors"), folder / "tiny.safetensors")
+    from diffuseit_pack.nodes.loaders import LoadDDPM
+    schema = LoadDDPM.define_schema()
+    assert "tiny.safetensors" in schema.inputs[0].options
+    heads = load_json("guided_diffusion", "tiny_unet_config.json")["create_model_kwargs"]["num_head_channels"]
+    with torch.inference_mode():  # ComfyUI runs every node in inference mode
+        out = LoadDDPM.execute(ckpt_name="tiny.safetensors", dtype="auto", overrides=f"num_head_channels={heads}")
+    managed = out.result[0]
+    assert managed.value.config.num_head_channels == heads
+    assert managed.patcher.model is managed.value.unet
+    assert not any(p.is_inference() for p in managed.module.parameters())
+
+
+def test_load_ddpm_node_missing_file_message(pack):
+    from diffuseit_pack.nodes.loaders import LoadDDPM
+    from diffuseit_pack.core.checkpoints import MissingWeightsError
+    with pytest.raises(MissingWeightsError, match="256x256_diffusion_uncond.pt"):
+        LoadDDPM.execute(ckpt_name="256x256_diffusion_uncond.pt", dtype="fp32", overrides="")
+    with pytest.raises(ValueError, match="name=value"):
+        LoadDDPM.execute(ckpt_name="x.pt", dtype="fp32", overrides="num_head_channels")
