@@ -68,9 +68,14 @@ class NoiseSource:
         self.generators = [torch.Generator("cpu").manual_seed((int(seed) + b) % 2 ** 64) for b in range(batch)]
         self.device = device
 
-    def randn(self, shape: Sequence[int]) -> torch.Tensor:
-        rows = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(rows).to(self.device)
+    def randn(self, shape: Sequence[int], kind: str = "step", rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One draw of ``shape`` per row. ``kind`` names the draw (start, step, resample, background) for
+        replay sources; with ``rows`` only those rows draw (others get zeros), so one row restarting does
+        not shift the other rows' streams."""
+        wanted = [True] * len(self.generators) if rows is None else [bool(r) for r in rows.tolist()]
+        draws = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) if w else torch.zeros(tuple(shape))
+                 for g, w in zip(self.generators, wanted)]
+        return torch.stack(draws).to(self.device)
 
 
 def timesteps_to_run(schedule: DiffusionSchedule, skip_timesteps: int = 0) -> list[int]:

@@ -1,0 +1,141 @@
+"""The single-pass guided sampler: gradient through the UNet, resampling, restarts, NaN handling, batching."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_close, fixture_path, load_json
+from core import load_ddpm
+from core.guidance import StepContext
+from core.guided import (GuidanceError, GuidedSamplerOptions, guidance_gradient, guided_sample, program,
+                         renoise_one_step)
+from core.schedule import DiffusionSchedule
+
+GROUP = "guided_diffusion"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_json(GROUP, "diffusion_reference.json")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    kw = load_json(GROUP, "tiny_unet_config.json")["create_model_kwargs"]
+    return load_ddpm(fixture_path(GROUP, "tiny_unet.safetensors"), num_head_channels=kw["num_head_channels"]).unet
+
+
+@dataclass(frozen=True)
+class Linear:
+    """loss = sum(weight * x0) per row: the official grad_pred_xstart fixture's loss."""
+    weight: torch.Tensor
+    name: str = "linear"
+
+    def prepare(self, source):
+        return self
+
+    def __call__(self, x0, ctx):
+        return (self.weight * x0).flatten(1).sum(1)
+
+
+@dataclass(frozen=True)
+class ToTarget:
+    target: float = 0.5
+    scale: float = 50.0
+    name: str = "to_target"
+
+    def prepare(self, source):
+        return self
+
+    def __call__(self, x0, ctx):
+        return self.scale * ((x0 - self.target) ** 2).flatten(1).mean(1)
+
+
+@dataclass(frozen=True)
+class Poison:
+    name: str = "poison"
+
+    def prepare(self, source):
+        return self
+
+    def __call__(self, x0, ctx):
+        return x0.flatten(1).sum(1) * float("nan")
+
+
+def test_single_pass_gradient_matches_official(ref, unet):
+    t = load_file(fixture_path(GROUP, "diffusion_reference.safetensors"))
+    entry = ref["grad_pred_xstart"]
+    sched = DiffusionSchedule.create(1000, "linear", entry["spacing"])
+    x, ti = t["grad_pred_xstart.x_t"], t["grad_pred_xstart.t"]
+    ctx = StepContext(t_index=ti, t=sched.model_timesteps(ti), x_t=x, schedule=sched, source=x)
+    mv, grad, losses = guidance_gradient(unet, sched, x, ti, [Linear(t["grad_pred_xstart.weight"])], ctx,
+                                         clip_denoised=entry["clip_denoised"])
+    tol = ref["float64_shadow_vs_float32_reference"]["outputs"]["grad_pred_xstart.grad_x_t"]["recommended_atol_at_rtol_1e-5"]
+    assert_close(-grad, t["grad_pred_xstart.grad_x_t"], tol, what="grad")  # cond_fn returns -d loss / d x_t
+    assert_close(mv.pred_xstart, t["p_mean_variance.noclip.pred_xstart"] if torch.equal(x, t["p_mean_variance.x_t"])
+                 else mv.pred_xstart, 1e-5)
+    assert not mv.mean.requires_grad
+
+
+def test_program_resampling_and_renoise_beta():
+    sched = DiffusionSchedule.create(1000, "linear", "20")
+    steps = program(sched, GuidedSamplerOptions(skip_timesteps=12, resample_steps=10))
+    assert [s for s, _ in steps] == [7] * 10 + list(range(6, -1, -1))
+    assert [r for _, r in steps] == [True] * 9 + [False] * 8
+    x, z = torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)
+    ti = torch.tensor([7])
+    up = renoise_one_step(sched, x, ti, z, GuidedSamplerOptions())
+    assert torch.allclose(up, torch.sqrt(1 - sched.betas[6]).float() * x)  # upstream's beta_{K-1}
+    exact = renoise_one_step(sched, x, ti, z, GuidedSamplerOptions(resample_beta="exact"))
+    assert torch.allclose(exact, torch.sqrt(1 - sched.betas[7]).float() * x)
+
+
+def test_guidance_moves_the_result_and_batch_equals_serial(unet):
+    sched = DiffusionSchedule.create(1000, "linear", "10")
+    source = torch.linspace(-1, 1, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32)
+    opts = GuidedSamplerOptions(skip_timesteps=4, resample_steps=2)
+    guided = guided_sample(unet, sched, source, [ToTarget()], seed=5, options=opts)
+    plain = guided_sample(unet, sched, source, [], seed=5, options=opts)
+    assert guided.images.shape == source.shape
+    assert ((guided.images - 0.5) ** 2).mean() < ((plain.images - 0.5) ** 2).mean()
+    again = guided_sample(unet, sched, source, [ToTarget()], seed=5, options=opts)
+    assert torch.equal(again.images, guided.images)
+    row1 = guided_sample(unet, sched, source[1:], [ToTarget()], seed=6, options=opts)
+    assert_close(row1.images[0], guided.images[1], 1e-4, what="batch row 1 vs serial seed+1")
+
+
+def test_ddim_and_progress_callback(unet):
+    sched = DiffusionSchedule.create(1000, "linear", "10")
+    seen = []
+    res = guided_sample(unet, sched, torch.zeros(1, 3, 32, 32), [ToTarget()], seed=1,
+                        options=GuidedSamplerOptions(sampler="ddim", skip_timesteps=5, resample_steps=3),
+                        callback=lambda d: seen.append((d["i"], d["total"], d["t_index"])))
+    assert seen == [(0, 7, 4), (1, 7, 4), (2, 7, 4), (3, 7, 3), (4, 7, 2), (5, 7, 1), (6, 7, 0)]
+    assert torch.isfinite(res.images).all()
+
+
+def test_nan_guidance_names_the_term_and_step(unet):
+    sched = DiffusionSchedule.create(1000, "linear", "10")
+    with pytest.raises(GuidanceError, match=r"poison.*step 0"):
+        guided_sample(unet, sched, torch.zeros(1, 3, 32, 32), [Poison()], options=GuidedSamplerOptions(skip_timesteps=5))
+
+
+@dataclass(frozen=True)
+class AlwaysOutOfRange:
+    name: str = "range"
+
+    def prepare(self, source):
+        return self
+
+    def __call__(self, x0, ctx):
+        return torch.full((x0.shape[0],), 1.0) + 0 * x0.flatten(1).sum(1)
+
+
+def test_range_restart_is_per_row_and_bounded(unet):
+    sched = DiffusionSchedule.create(1000, "linear", "10")
+    opts = GuidedSamplerOptions(skip_timesteps=6, range_restart_threshold=0.01, max_restarts=2)
+    res = guided_sample(unet, sched, torch.zeros(2, 3, 32, 32), [AlwaysOutOfRange()], options=opts)
+    assert res.restarts == [2, 2]
+    assert torch.isfinite(res.images).all()
