@@ -213,3 +213,37 @@ def _restart_rows(per_term: dict, options: GuidedSamplerOptions, t_index: torch.
     for b in over.nonzero().flatten().tolist():
         restarts[b] += 1
     return over
+
+
+def sample_many(unet: torch.nn.Module, schedule: DiffusionSchedule, sources: torch.Tensor, terms: Sequence[Any], *,
+                samples_per_image: int = 1, seed: int = 0, chunk_size: int = 0,
+                options: GuidedSamplerOptions = GuidedSamplerOptions(), blend: Any = None,
+                callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True) -> GuidedResult:
+    """Run several source images x several samples as batches (instead of upstream's serial loop).
+
+    Rows are image-major (all samples of image 0, then image 1, ...) and row r uses seed + r, so the
+    result does not depend on ``chunk_size`` (0 = everything in one batch). The callback's ``i`` and
+    ``total`` count steps over all chunks.
+    """
+    if samples_per_image < 1:
+        raise ValueError(f"samples_per_image must be >= 1, got {samples_per_image}")
+    rows = sources.repeat_interleave(samples_per_image, dim=0)
+    n = rows.shape[0]
+    chunk = n if chunk_size <= 0 else min(chunk_size, n)
+    chunks = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+    images, samples, restarts = [], [], []
+    done = 0
+    for lo, hi in chunks:
+        def relay(info: dict, offset: int = done) -> None:
+            if callback is not None:
+                per_chunk = info["total"]
+                callback(dict(info, i=offset + info["i"], total=per_chunk * len(chunks)))
+
+        part_blend = blend.select(lo, hi, samples_per_image) if blend is not None and hasattr(blend, "select") else blend
+        res = guided_sample(unet, schedule, rows[lo:hi], terms, seed=seed + lo, options=options, blend=part_blend,
+                            callback=relay, learn_sigma=learn_sigma)
+        images.append(res.images)
+        samples.append(res.samples)
+        restarts.extend(res.restarts)
+        done += len(program(schedule, options)) + sum(res.restarts) * len(program(schedule, options))
+    return GuidedResult(images=torch.cat(images), samples=torch.cat(samples), restarts=restarts)

@@ -57,3 +57,25 @@ def save_image(x: torch.Tensor, path: str) -> list[str]:
         Image.fromarray(arr).save(candidate)
         written.append(candidate)
     return written
+
+
+def resize_to_model(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize [B,3,H,W] to size x size like upstream's PIL LANCZOS load (aspect not kept, antialiased).
+
+    A tensor path (bicubic with antialias) is used so IMAGE batches never leave the device; it differs
+    from PIL's LANCZOS by a few 1/255 steps (``load_image_pil`` is the exact upstream path).
+    """
+    import torch.nn.functional as F
+
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def load_image_pil(path: str, size: int) -> torch.Tensor:
+    """Upstream's loader exactly: PIL RGB, resize((size, size), LANCZOS), to [-1,1] [1,3,size,size]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1

@@ -4,8 +4,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import comfy_bridge
 from .loaders import LoadDDPM
+from .sampling import GuidedSampler
 
-NODES: list[type[io.ComfyNode]] = [LoadDDPM]
+NODES: list[type[io.ComfyNode]] = [LoadDDPM, GuidedSampler]
 
 
 class DiffuseITBlendedExtension(ComfyExtension):

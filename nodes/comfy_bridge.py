@@ -57,6 +57,12 @@ def torch_device() -> torch.device:
     return mm.get_torch_device()
 
 
+def intermediate_device() -> torch.device:
+    import comfy.model_management as mm
+
+    return mm.intermediate_device()
+
+
 def offload_device() -> torch.device:
     import comfy.model_management as mm
 
@@ -113,6 +119,8 @@ class Progress:
 
     def __call__(self, info: dict) -> None:
         done = info["i"] + 1
+        if info["total"] != self.total:  # restarts add steps
+            self.total = info["total"]
         preview = None
         if done % self.preview_every == 0 or done == self.total:
             preview = ("JPEG", to_pil(info["predicted_x0"][0]), self.preview_size)

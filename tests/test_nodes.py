@@ -86,3 +86,47 @@ def test_load_ddpm_node_missing_file_message(pack):
         LoadDDPM.execute(ckpt_name="256x256_diffusion_uncond.pt", dtype="fp32", overrides="")
     with pytest.raises(ValueError, match="name=value"):
         LoadDDPM.execute(ckpt_name="x.pt", dtype="fp32", overrides="num_head_channels")
+
+
+def _tiny_ddpm_node_output(models):
+    folder = models / "guided_diffusion"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(fixture_path("guided_diffusion", "tiny_unet.safetensors"), folder / "tiny.safetensors")
+    from diffuseit_pack.nodes.loaders import LoadDDPM
+    kw = load_json("guided_diffusion", "tiny_unet_config.json")["create_model_kwargs"]
+    with torch.inference_mode():
+        return LoadDDPM.execute(ckpt_name="tiny.safetensors", dtype="fp32",
+                                overrides=f"num_head_channels={kw['num_head_channels']}, image_size={kw['image_size']}").result[0]
+
+
+def test_guided_sampler_node_runs_in_inference_mode_with_progress(pack):
+    _, models = pack
+    ddpm = _tiny_ddpm_node_output(models)
+    from diffuseit_pack.nodes.sampling import GuidedSampler
+    import comfy.utils
+    comfy.utils.updates.clear()
+    image = torch.rand(1, 40, 48, 3)
+    kwargs = dict(ddpm=ddpm, image=image, respacing="10", skip_timesteps=5, resample_steps=2, sampler="ddpm",
+                  seed=11, samples=2, chunk_size=1)
+    with torch.inference_mode():
+        out = GuidedSampler.execute(**kwargs).result[0]
+        again = GuidedSampler.execute(**kwargs).result[0]
+    size = ddpm.value.image_size
+    assert out.shape == (2, size, size, 3) and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out, again)
+    steps = (10 - 5 - 1 + 2) * 2
+    assert [u[0] for u in comfy.utils.updates[:steps]] == list(range(1, steps + 1))
+    assert all(u[2] for u in comfy.utils.updates[:steps])  # every step carries a preview
+
+
+def test_guided_sampler_cancel(pack):
+    _, models = pack
+    ddpm = _tiny_ddpm_node_output(models)
+    from diffuseit_pack.nodes.sampling import GuidedSampler
+    import comfy.model_management as mm
+    mm.interrupt_processing = True
+    with pytest.raises(mm.InterruptProcessingException):
+        with torch.inference_mode():
+            GuidedSampler.execute(ddpm=ddpm, image=torch.rand(1, 32, 32, 3), respacing="10", skip_timesteps=5,
+                                  resample_steps=1, seed=0, samples=1)
+    assert not mm.interrupt_processing
