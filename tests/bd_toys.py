@@ -1,0 +1,140 @@
+"""Stand-ins used by the Blended Diffusion fixtures (fixtures README, "The stand-ins").
+
+* :class:`ToyEpsModel`: two 3x3 convs shaped like a denoiser, called as ``model(x, t)`` with
+  the float *original* timestep;
+* :class:`StubClip`: ``encode_image = flatten @ image_proj``, ``encode_text`` = a fixed
+  embedding, with the duck-typed ``ClipModel`` attributes our code expects;
+* :func:`guidance_gradient`: what upstream's ``cond_fn`` computes, built from the lead's
+  ``p_mean_variance`` and our guidance terms (spec 5.4).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from core.guidance import StepContext
+from core.schedule import DiffusionSchedule, p_mean_variance
+
+FIXTURES = Path(__file__).parent / "fixtures" / "blended_diffusion"
+
+
+def fixture_json() -> dict:
+    return json.loads((FIXTURES / "blended_diffusion_fixtures.json").read_text())
+
+
+def readme_tolerances() -> dict[str, list[float]]:
+    """The README's "Tolerance summary" table: row label -> the atol numbers in that row
+    (e.g. ``"losses: distances, range, MSE / LPIPS" -> [1e-06, 1e-05]``)."""
+    text = (FIXTURES / "README.md").read_text()
+    table = text.split("## Tolerance summary", 1)[1].split("\n\n", 1)[0]
+    rows: dict[str, list[float]] = {}
+    for line in table.splitlines()[3:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2:
+            numbers = re.findall(r"(?<![\w.±])(\d+(?:\.\d+)?(?:e-?\d+)?)(?![\w.])", cells[1])
+            rows[cells[0]] = [float(n) for n in numbers]
+    return rows
+
+
+def readme_relative_total_tolerance() -> float:
+    """cond_fn's "total loss to <x> relative" from the README."""
+    text = (FIXTURES / "README.md").read_text()
+    return float(re.search(r"total loss to ([0-9.e-]+) relative", text).group(1))
+
+
+def fixture(name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(FIXTURES / f"{name}.safetensors"))
+
+
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Sub-dict of ``prefix.*`` keys with the prefix removed."""
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+class ToyEpsModel(torch.nn.Module):
+    """``x0 = 1.2 tanh(conv_x0(x) + 0.1 sin(t/100))``, ``eps = (x - sqrt(abar) x0) / sqrt(1 - abar)``,
+    ``v = tanh(conv_var(x) + cos(t/100))``; output ``cat([eps, v])`` (6 channels)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.x0_conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.var_conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.load_state_dict(prefixed(weights, "toy_eps_model"))
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        self.register_buffer("abar", torch.cumprod(1 - betas, dim=0), persistent=False)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(x.dtype).reshape(-1, 1, 1, 1)
+        abar = self.abar[t.round().long().flatten()].to(x.dtype).reshape(-1, 1, 1, 1)
+        x0 = 1.2 * torch.tanh(self.x0_conv(x) + 0.1 * torch.sin(t / 100))
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        v = torch.tanh(self.var_conv(x) + torch.cos(t / 100))
+        return torch.cat([eps, v], dim=1)
+
+
+class StubClip:
+    """Duck-typed ``ClipModel``: ``image_size``, ``mean``, ``std``, ``encode_image``, ``encode_text``."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], meta: dict):
+        self.image_proj = weights["stub_clip.image_proj"]
+        self.text_embedding = weights["stub_clip.text_embedding"]
+        self.image_size = int(meta["stub_clip_input_resolution"])
+        self.mean = torch.tensor(meta["clip_normalize_mean"])
+        self.std = torch.tensor(meta["clip_normalize_std"])
+        self.text_calls: list[list[str]] = []
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.reshape(pixels.shape[0], -1) @ self.image_proj.to(pixels)
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        self.text_calls.append(list(prompts))
+        return self.text_embedding.expand(len(prompts), -1)
+
+
+def toy_models() -> tuple[ToyEpsModel, StubClip]:
+    weights = fixture("toy_models")
+    return ToyEpsModel(weights).eval(), StubClip(weights, fixture_json()["toy_models"])
+
+
+@functools.lru_cache(maxsize=1)
+def seeded_lpips() -> torch.nn.Module:
+    """The fixtures' LPIPS: ``torch.manual_seed(13); lpips.LPIPS(net="vgg", pnet_rand=True)``
+    (random VGG trunk, lpips' packaged linear heads; nothing is downloaded). Built once per
+    session, frozen; the global RNG state is restored afterwards."""
+    import lpips
+
+    construction = fixture_json()["losses"]["lpips_construction"]
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(construction["seed"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained" deprecation
+            model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval().requires_grad_(False)
+
+
+def guidance_gradient(model: torch.nn.Module, schedule: DiffusionSchedule, x_t: torch.Tensor,
+                      t_index: torch.Tensor, prepared: Sequence[Any], source: torch.Tensor,
+                      extras: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+    """Upstream ``cond_fn`` (spec 5.4): ``-d/dx sum_terms sum_b loss`` with x0 from a
+    differentiable UNet pass at ``t_index`` (the model sees ``timestep_map[t_index]`` as float).
+    Returns ``(gradient, total_loss, ctx)``."""
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        t = schedule.model_timesteps(t_index)
+        out = p_mean_variance(schedule, model(x, t.float()), x, t_index, clip_denoised=False)
+        ctx = StepContext(t_index=t_index, t=t, x_t=x, schedule=schedule,
+                          source=source.expand(x.shape[0], -1, -1, -1), extras=extras or {})
+        total = sum(term(out.pred_xstart, ctx).sum() for term in prepared)
+        grad = torch.autograd.grad(total, x)[0]
+    return -grad, total.detach(), ctx
