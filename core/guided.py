@@ -14,6 +14,7 @@ equals N serial runs with seeds seed, seed+1, ...
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -93,7 +94,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
     """Translate/edit ``source`` ([B,3,H,W] in [-1,1], one row per sample) under the guidance ``terms``.
 
     ``terms`` are guidance-term values (see ``core.guidance``); each is prepared once here. ``blend``
-    (optional) has ``prepare(source) -> prepared`` with ``prepared.after_step(x, t_index, noise_source)``
+    (optional) has ``prepare(source) -> prepared`` with ``prepared.after_step(x, t_index, noise_source, schedule)``
     and ``prepared.finalize(x0)`` (Blended Diffusion). ``callback`` gets ``{i, total, t_index, t, x,
     predicted_x0, losses}`` after each step and may raise to stop (Cancel).
     """
@@ -135,7 +136,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
         else:
             nxt, x0 = ddim_step(schedule, mv, x_t, t_index, z, options.eta, grad)
         if blender is not None:
-            nxt = blender.after_step(nxt, t_index, noise)
+            nxt = blender.after_step(nxt, t_index, noise, schedule)
         if bool(renoise.any()):
             up = renoise_one_step(schedule, nxt, t_index, noise.randn(source.shape[1:], kind="resample"), options)
             nxt = torch.where(_rows(renoise, nxt).bool(), up, nxt)
@@ -228,6 +229,9 @@ def sample_many(unet: torch.nn.Module, schedule: DiffusionSchedule, sources: tor
     if samples_per_image < 1:
         raise ValueError(f"samples_per_image must be >= 1, got {samples_per_image}")
     rows = sources.repeat_interleave(samples_per_image, dim=0)
+    if chunk_size > 0 and chunk_size < rows.shape[0]:
+        for value in list(terms) + ([blend] if blend is not None else []):
+            _check_rows(value, rows.shape[0])
     n = rows.shape[0]
     chunk = n if chunk_size <= 0 else min(chunk_size, n)
     chunks = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
@@ -239,11 +243,30 @@ def sample_many(unet: torch.nn.Module, schedule: DiffusionSchedule, sources: tor
                 per_chunk = info["total"]
                 callback(dict(info, i=offset + info["i"], total=per_chunk * len(chunks)))
 
-        part_blend = blend.select(lo, hi, samples_per_image) if blend is not None and hasattr(blend, "select") else blend
-        res = guided_sample(unet, schedule, rows[lo:hi], terms, seed=seed + lo, options=options, blend=part_blend,
+        part_terms = [select_rows(term, lo, hi, n) for term in terms]
+        part_blend = select_rows(blend, lo, hi, n) if blend is not None else None
+        res = guided_sample(unet, schedule, rows[lo:hi], part_terms, seed=seed + lo, options=options, blend=part_blend,
                             callback=relay, learn_sigma=learn_sigma)
         images.append(res.images)
         samples.append(res.samples)
         restarts.extend(res.restarts)
         done += len(program(schedule, options)) + sum(res.restarts) * len(program(schedule, options))
     return GuidedResult(images=torch.cat(images), samples=torch.cat(samples), restarts=restarts)
+
+
+def select_rows(value: Any, lo: int, hi: int, n: int) -> Any:
+    """The part of a term/blend that serves rows lo:hi of n: its own ``select`` if it has one, else a
+    per-row ``mask`` field sliced (masks of batch 1 serve every row)."""
+    if hasattr(value, "select"):
+        return value.select(lo, hi)
+    mask = getattr(value, "mask", None)
+    if isinstance(mask, torch.Tensor) and mask.shape[0] == n and n > 1 and dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, mask=mask[lo:hi])
+    return value
+
+
+def _check_rows(value: Any, n: int) -> None:
+    mask = getattr(value, "mask", None)
+    if isinstance(mask, torch.Tensor) and mask.shape[0] not in (1, n):
+        raise ValueError(f"{type(value).__name__}.mask has batch {mask.shape[0]} but there are {n} sample rows; "
+                         "give one mask, or one per row (images x samples)")

@@ -20,7 +20,8 @@ Callback = Callable[[dict], None]
 def model_output(unet: torch.nn.Module, x: torch.Tensor, t_index: torch.Tensor, schedule: DiffusionSchedule,
                  y: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Call the UNet with the *original* timesteps of respaced indices, as SpacedDiffusion does."""
-    return unet(x, schedule.model_timesteps(t_index), y)
+    t = schedule.model_timesteps(t_index)
+    return unet(x, t) if y is None else unet(x, t, y)
 
 
 def ddpm_step(schedule: DiffusionSchedule, mv: MeanVariance, x_t: torch.Tensor, t_index: torch.Tensor,
