@@ -66,10 +66,13 @@ def download_url(file_name: str) -> Optional[str]:
 
 def _missing_message(path: str) -> str:
     name = os.path.basename(path)
-    url = download_url(name) or BASE_URL + "256x256_diffusion_uncond.pt"
-    return (f"DDPM checkpoint not found: {path!r}. Put guided-diffusion checkpoints in ComfyUI's "
-            f"'{MODEL_FOLDER}' folder (or pass a full path). {name!r} can be downloaded from {url} "
-            f"(or run: python -m core.cli download {name}).")
+    url = download_url(name)
+    where = (f"DDPM checkpoint not found: {path!r}. Put guided-diffusion checkpoints in ComfyUI's "
+             f"'{MODEL_FOLDER}' folder (or pass a full path). ")
+    if url:
+        return where + f"{name!r} can be downloaded from {url} (or run: python -m core.cli download {name})."
+    return where + ("DiffuseIT and Blended Diffusion use 256x256_diffusion_uncond.pt from "
+                    f"{BASE_URL}256x256_diffusion_uncond.pt (python -m core.cli download 256x256_diffusion_uncond.pt).")
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:

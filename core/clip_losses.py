@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from .clip import ClipEnsemble, ClipModel
-from .guidance import StepContext
+from .guidance import StepContext, noise_mixed_input
 
 NUM_TEMPLATES = 79
 DROPPED_TEMPLATE = "a photo of many {}."  # the one OPENAI_IMAGENET_TEMPLATES entry upstream lacks (§2.4)
@@ -194,20 +194,29 @@ class PreparedCLIPDirectional:
     targets: tuple[torch.Tensor, ...]  # v per model, [B, D]
     source_loss: torch.Tensor  # unweighted L_CLIP of the source (ncuts 0): upstream's first loss_prev, [B]
     name: str = field(default="clip_directional")
+    last_loss: list = field(default_factory=lambda: [None])  # the one mutable cell: this run's latest loss
 
     def __call__(self, predicted_x0: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
         """``lambda_clip * L_CLIP`` per sample, [B].
 
         The image is scored as given: upstream feeds CLIP the noise-mixed ``x_mix`` (§3.5 step 3),
-        which is the sampler's to build. Random cuts use ``ctx.extras['generator']`` (a generator,
+        which this term builds from ``ctx`` when ``noise_mix`` is on (the default). Random cuts use ``ctx.extras['generator']`` (a generator,
         or one per row) when present. The unweighted loss is left in ``ctx.extras['clip_loss']``
         (detached): upstream's ``loss_prev``, which sets the next call's contrastive weight (§3.5).
         """
         extras = ctx.extras if ctx is not None else {}
-        loss = clip_text_loss(self.term.ensemble, predicted_x0, self.targets, self.term.ncuts, extras.get("generator"))
+        x = noise_mixed_input(predicted_x0, ctx) if (ctx is not None and self.term.noise_mix) else predicted_x0
+        loss = clip_text_loss(self.term.ensemble, x, self.targets, self.term.ncuts, extras.get("generator"))
         if ctx is not None:
             ctx.extras["clip_loss"] = loss.detach()
+            self.last_loss[0] = loss.detach()
         return self.term.lambda_clip * loss
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Publish the previous call's unweighted loss (the source's at the first call) as
+        ``ctx.extras["clip_loss_prev"]``: upstream's ``loss_prev`` that sets the contrastive weight."""
+        previous = self.last_loss[0] if self.last_loss[0] is not None else self.source_loss
+        ctx.extras["clip_loss_prev"] = previous.to(ctx.x_t.device)
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,7 @@ class CLIPDirectionalLoss:
     ncuts: int = 8
     lambda_src: float = 0.4
     lambda_img: float = 0.2
+    noise_mix: bool = True  # upstream always scores x_mix = x0 f_t + x_t (1 - f_t) (§3.5 step 3)
     name: str = "clip_directional"
 
     def __post_init__(self) -> None:

@@ -173,6 +173,9 @@ def guidance_gradient(unet: torch.nn.Module, schedule: DiffusionSchedule, x: tor
     """
     x_in = x.detach().requires_grad_(True)
     ctx.x_t = x_in
+    for p in prepared:  # terms publish what the previous step left them (e.g. DiffuseIT's loss_prev)
+        if hasattr(p, "before_step"):
+            p.before_step(ctx)
     with torch.enable_grad():
         out = model_output(unet, x_in, t_index, schedule, y).float()
         mv = p_mean_variance(schedule, out, x_in, t_index, clip_denoised, learn_sigma)
