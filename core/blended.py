@@ -15,7 +15,7 @@ import torch
 
 from .blend import BLEND_MODES, blend_background, enforce_background, extract_crop, plan_crop, stitch_back
 from .blended_losses import blended_guidance
-from .guided import GuidedSamplerOptions, sample_many
+from .guided import GuidedSamplerOptions, program, sample_many
 from .masks import prepare_mask
 from .rank import rank_results
 
@@ -82,43 +82,104 @@ class BlendedResult:
     edits: torch.Tensor = field(repr=False, default=None)
 
 
+@dataclass(frozen=True, eq=False)
+class BlendSpec:
+    """What a Background Blend node hands the sampler: the full-resolution mask and how to use it.
+
+    ``mask`` is (1 or B, 1, H, W) or (B, H, W) at the *image's* resolution (1 = edit; soft values are
+    kept for blending); the sampler crops around it, edits at model resolution and stitches back.
+    """
+
+    mask: torch.Tensor
+    mode: str = "official"
+    enforce_background: bool = True
+    crop_margin: float = 0.25
+    feather: int = 0
+    invert: bool = False
+    soft: bool = False
+    dilate: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in BLEND_MODES:
+            raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {self.mode!r}")
+
+    def full_mask(self, image: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """This image's mask at its resolution, checked (empty masks are an error)."""
+        mask = self.mask if self.mask.dim() == 4 else self.mask[:, None]
+        if mask.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"mask batch {mask.shape[0]} does not match image batch {image.shape[0]}: give one mask "
+                             "for all images or one per image")
+        one = mask[index if mask.shape[0] > 1 else 0][None]
+        return prepare_mask(one, image.shape[-2], image.shape[-1], invert=self.invert, soft=self.soft,
+                            dilate=self.dilate, allow_full=True)
+
+
+@dataclass
+class BlendedSampleResult:
+    images: torch.Tensor  # full resolution, [-1, 1], image-major rows (all samples of image 0, then 1, ...)
+    edits: torch.Tensor  # the model-resolution crops that were edited
+    masks: torch.Tensor  # the crops' masks, one per row
+    restarts: list = field(default_factory=list)
+
+
+def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tuple, *, samples: int = 1,
+                   seed: int = 0, respacing: str = "100", options: GuidedSamplerOptions = GuidedSamplerOptions(),
+                   chunk_size: int = 0, callback: Optional[Callable[[dict], None]] = None) -> BlendedSampleResult:
+    """Blended Diffusion on images of any size: per image, crop a square around its mask (with
+    ``crop_margin`` of context; small images are upscaled), run the guided sampler with the
+    background blend at model resolution, and stitch the edits back (pixels outside the mask are
+    returned unchanged). Row r of the result uses seed + r, as in :func:`sample_many`."""
+    size, device = ddpm.image_size, ddpm.device
+    outputs, edits, masks, restarts = [], [], [], []
+    steps_done = 0
+    for index in range(images.shape[0]):
+        image = images[index:index + 1].to(device)
+        full_mask = spec.full_mask(image, index).to(device)
+        box = plan_crop(full_mask, model_size=size, margin=spec.crop_margin)
+        crop, crop_mask = extract_crop(image, full_mask, box, size, soft_mask=spec.soft)
+        blend = BackgroundBlend(crop_mask, spec.mode, spec.enforce_background)
+
+        def relay(info: dict, offset: int = steps_done) -> None:
+            if callback is not None:
+                callback(dict(info, i=offset + info["i"], total=info["total"] * images.shape[0]))
+
+        result = sample_many(ddpm.unet, ddpm.schedule(respacing), crop, terms, samples_per_image=samples,
+                             seed=seed + index * samples, chunk_size=chunk_size, options=options, blend=blend,
+                             callback=relay, learn_sigma=ddpm.learn_sigma)
+        steps_done += len(program(ddpm.schedule(respacing), options)) * samples
+        outputs.append(stitch_back(image, result.images, full_mask, box, feather=spec.feather))
+        edits.append(result.images)
+        masks.append(crop_mask.expand(samples, -1, -1, -1))
+        restarts.extend(result.restarts)
+    return BlendedSampleResult(torch.cat(outputs), torch.cat(edits), torch.cat(masks), restarts)
+
+
 def blended_edit(ddpm: Any, clip: Any, image: torch.Tensor, mask: torch.Tensor, prompt: str, *,
                  samples: int = 8, seed: int = 0, respacing: str = "100", skip_timesteps: int = 25,
                  sampler: str = "ddpm", lambda_clip: float = 1000.0, lambda_range: float = 50.0,
                  background_preservation: bool = False, lambda_lpips: float = 1000.0, lambda_l2: float = 10000.0,
                  lpips_model: Optional[torch.nn.Module] = None, n_cuts: int = 8, blend_mode: str = "official",
                  enforce: bool = True, crop_margin: float = 0.25, feather: int = 0, chunk_size: int = 0,
-                 faithful_rank: bool = False, invert_mask: bool = False,
+                 faithful_rank: bool = False, invert_mask: bool = False, top_k: Optional[int] = None,
                  callback: Optional[Callable[[dict], None]] = None) -> BlendedResult:
     """Edit the masked region of ``image`` ([1,3,H,W] in [-1,1], any size) towards ``prompt``.
 
-    The image is cropped to a square around the mask's bounding box (``crop_margin`` of context on
-    each side, at least the model's resolution when the image allows), edited at model resolution,
-    and stitched back: pixels outside the mask are returned unchanged, byte for byte. Returns every
-    sample ranked by the unaugmented masked CLIP distance.
+    Defaults are the official ones (spec 2, 10): respacing "100", 25 skipped steps, CLIP weight 1000,
+    range 50, 8 cutouts, background losses off. Every sample is returned, ranked by the unaugmented
+    masked CLIP distance of its model-resolution edit (``top_k`` keeps the best k).
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt is empty: Blended Diffusion needs a text describing the edit")
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image must be [1,3,H,W], got {tuple(image.shape)} (edit one image per call)")
-    size = ddpm.image_size
-    device = ddpm.device
-    full_mask = prepare_mask(mask, image.shape[-2], image.shape[-1], invert=invert_mask, allow_full=True)
-    box = plan_crop(full_mask, model_size=size, margin=crop_margin)
-    crop, crop_mask = extract_crop(image, full_mask, box, size)
-    crop, crop_mask = crop.to(device), crop_mask.to(device)
-    terms = blended_guidance(clip, prompt, crop_mask, lambda_clip=lambda_clip, lambda_range=lambda_range,
+    spec = BlendSpec(mask, blend_mode, enforce, crop_margin, feather, invert_mask)
+    terms = blended_guidance(clip, prompt, None, lambda_clip=lambda_clip, lambda_range=lambda_range,
                              background_preservation=background_preservation, lambda_lpips=lambda_lpips,
                              lambda_l2=lambda_l2, lpips_model=lpips_model, n_cuts=n_cuts)
-    blend = BackgroundBlend(crop_mask, blend_mode, enforce)
     options = GuidedSamplerOptions(sampler=sampler, skip_timesteps=skip_timesteps, resample_steps=1)
-    result = sample_many(ddpm.unet, ddpm.schedule(respacing), crop, terms, samples_per_image=samples, seed=seed,
-                         chunk_size=chunk_size, options=options, blend=blend, callback=callback,
-                         learn_sigma=ddpm.learn_sigma)
-    edits = result.images
-    ranking = rank_results(edits, crop_mask, clip, prompt, faithful=faithful_rank)
-    ranked = edits[ranking.order.to(edits.device)]
-    full = torch.cat([stitch_back(image.to(device), e[None], full_mask.to(device), box, feather=feather)
-                      for e in ranked])
-    return BlendedResult(images=full, scores=ranking.sorted_scores if hasattr(ranking, "sorted_scores")
-                         else ranking.scores[ranking.order], order=ranking.order, edits=edits)
+    result = blended_sample(ddpm, image, spec, terms, samples=samples, seed=seed, respacing=respacing,
+                            options=options, chunk_size=chunk_size, callback=callback)
+    ranking = rank_results(result.edits, result.masks, clip, prompt, faithful=faithful_rank, top_k=top_k)
+    keep = ranking.top_k.to(result.images.device)
+    return BlendedResult(images=result.images[keep], scores=ranking.scores[ranking.top_k], order=ranking.top_k,
+                         edits=result.edits)

@@ -86,6 +86,12 @@ def masked_clip_distances(x_in: torch.Tensor, mask: torch.Tensor, clip: Any, tex
     params)``; upstream's batch loss is ``loss.sum()``.
     """
     batch = x_in.shape[0]
+    if isinstance(generator, (list, tuple)):
+        # one generator per row: each sample draws its own warps, so a batch equals serial runs
+        # (upstream draws the whole batch from one stream; pass a single generator for that)
+        rows = [masked_clip_distances(x_in[b:b + 1], mask[b:b + 1] if mask.shape[0] > 1 else mask, clip, text_embed,
+                                      settings, cut_size, generator[b]) for b in range(batch)]
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), None
     cuts, params = make_cutouts(x_in * mask, cut_size or int(clip.image_size), settings, generator, params)
     embeds = clip.encode_image(clip_normalize((cuts + 1) / 2, clip)).float()
     dists = spherical_distance(embeds, text_embed.float())
@@ -106,6 +112,18 @@ def background_l2(background: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 # --------------------------------------------------------------------------- guidance terms
 
 
+def edit_mask(mask: Optional[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    """The term's own mask, or (``mask=None``) the one the sampler's background blend published in
+    ``ctx.extras["blend_mask"]``: in a graph the mask is wired once, into Background Blend."""
+    if mask is not None:
+        return mask
+    published = ctx.extras.get("blend_mask")
+    if published is None:
+        raise ValueError("this masked loss has no mask: give it one, or use it together with a Background Blend "
+                         "(whose mask it then follows)")
+    return published
+
+
 @dataclass(frozen=True, eq=False)
 class _PreparedMaskedCLIP:
     name: str
@@ -120,7 +138,7 @@ class _PreparedMaskedCLIP:
             return predicted_x0.new_zeros(predicted_x0.shape[0])
         x_in = guidance_input(predicted_x0, ctx.x_t, ctx.schedule, ctx.t_index) if term.mix_noisy_input \
             else predicted_x0
-        mask = term.mask.to(device=x_in.device, dtype=x_in.dtype)
+        mask = edit_mask(term.mask, ctx).to(device=x_in.device, dtype=x_in.dtype)
         generator = ctx.extras.get("cutout_generator", self.generator)
         loss, _, params = masked_clip_distances(
             x_in, mask, term.clip, self.text_embed.to(x_in.device), term.settings, term.cut_size,
@@ -145,7 +163,7 @@ class MaskedCLIPLoss:
 
     clip: Any
     prompt: str
-    mask: torch.Tensor
+    mask: Optional[torch.Tensor] = None
     lambda_clip: float = 1000.0
     n_cuts: int = 8
     cut_size: Optional[int] = None
@@ -184,7 +202,7 @@ class _PreparedBackground:
     def __call__(self, predicted_x0: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         term = self.term
         x_in = guidance_input(predicted_x0, ctx.x_t, ctx.schedule, ctx.t_index)
-        mask = term.mask.to(device=x_in.device, dtype=x_in.dtype)
+        mask = edit_mask(term.mask, ctx).to(device=x_in.device, dtype=x_in.dtype)
         background = masked_background(x_in, mask)
         target = self.source.to(device=x_in.device, dtype=x_in.dtype)
         if term.mask_target:
@@ -213,7 +231,7 @@ class BackgroundPreservationLoss:
     ``lambda_lpips`` is non-zero.
     """
 
-    mask: torch.Tensor
+    mask: Optional[torch.Tensor] = None
     lambda_lpips: float = 1000.0
     lambda_l2: float = 10000.0
     lpips_model: Optional[torch.nn.Module] = None

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 PathLike = Union[str, os.PathLike]
-MODEL_FOLDER = "models/clip"  # the pack's folder for CLIP weights, named in error messages
+MODEL_FOLDER = "models/clip_guidance"  # the pack's folder for CLIP weights, named in error messages
 # Extra tensors of OpenAI's archives (hyper-parameters kept as buffers); not weights.
 OPENAI_ARCHIVE_METADATA = ("input_resolution", "context_length", "vocab_size")
 

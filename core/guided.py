@@ -107,6 +107,12 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
     blender = blend.prepare(source) if blend is not None else None
     top = steps[0][0]
     state: dict = {}
+    if noise_source is None:
+        # per-row generators for random augmentations (CLIP cuts, cutouts): row b depends on seed + b only
+        state["generator"] = state["cutout_generator"] = [torch.Generator("cpu").manual_seed((int(seed) + b + 7919) % 2 ** 64)
+                                                          for b in range(batch)]
+    if blender is not None and getattr(blender, "mask", None) is not None:
+        state["blend_mask"] = blender.mask  # masked losses without a mask of their own follow the blend
 
     def start(rows: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:
         eps = noise.randn(source.shape[1:], kind="start", rows=rows)
