@@ -366,6 +366,7 @@ def load_dino_extractor(source: Union[PathLike, StateDict], arch: Optional[str] 
                         fused_attention: bool = False,
                         device: Union[str, torch.device] = "cpu") -> DINOExtractor:
     """:func:`load_dino_vit` wrapped in a :class:`DINOExtractor` (upstream defaults)."""
-    model = load_dino_vit(source, arch, num_heads=num_heads, device=device)
-    return DINOExtractor(model, layer=layer, antialias=antialias,
-                         fused_attention=fused_attention).to(device)
+    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; buffers must stay normal tensors
+        model = load_dino_vit(source, arch, num_heads=num_heads, device=device)
+        return DINOExtractor(model, layer=layer, antialias=antialias,
+                             fused_attention=fused_attention).to(device)

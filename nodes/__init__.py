@@ -3,10 +3,14 @@
 from comfy_api.latest import ComfyExtension, io
 
 from . import comfy_bridge
-from .loaders import LoadDDPM
+from .blending import BackgroundBlend
+from .guidance import NODES as GUIDANCE_NODES
+from .loaders import LoadCLIPGuidance, LoadDDPM, LoadDINO, LoadLPIPS
+from .ranking import CLIPRank
 from .sampling import GuidedSampler
 
-NODES: list[type[io.ComfyNode]] = [LoadDDPM, GuidedSampler]
+NODES: list[type[io.ComfyNode]] = [LoadDDPM, LoadDINO, LoadCLIPGuidance, LoadLPIPS, *GUIDANCE_NODES, BackgroundBlend,
+                                   GuidedSampler, CLIPRank]
 
 
 class DiffuseITBlendedExtension(ComfyExtension):

@@ -79,7 +79,7 @@ def pick_unet_dtype(choice: str, device: torch.device, n_params: int) -> torch.d
     return mm.unet_dtype(device, n_params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: two loads of one file are two models
 class ManagedModel:
     """A core model value plus the ComfyUI ModelPatcher that lets ComfyUI load and offload it."""
 

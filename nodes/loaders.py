@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from comfy_api.latest import io
 
 from ..core.checkpoints import load_ddpm, parse_flags
+from ..core.clip import ClipEnsemble, expected_file, load_clip, resolve_architecture
+from ..core.dino import load_dino_extractor
+from ..core.perceptual import VGG16_FILE, load_lpips
 from . import comfy_bridge as bridge
-from .types import DDPMType
+from .types import CLIPType, DDPMType, DINOType, LPIPSType
 
 CATEGORY = "DiffuseIT-Blended/loaders"
+DEFAULT_CLIP_ENSEMBLE = "RN50, RN50x4, ViT-B-32, RN50x16, ViT-B-16"
 
 
 class LoadDDPM(io.ComfyNode):
@@ -44,3 +50,103 @@ class LoadDDPM(io.ComfyNode):
         if chosen != torch.float32:
             ddpm.to(dtype=chosen)
         return io.NodeOutput(bridge.manage(ddpm, ddpm.unet))
+
+
+class LoadDINO(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadDINO",
+            display_name="Load DINO ViT",
+            category=CATEGORY,
+            description="Loads a DINO ViT (official dino_vitbase8_pretrain.pth by default) from models/dino for "
+                        "DiffuseIT's structure, style and semantic-divergence losses.",
+            inputs=[
+                io.Combo.Input("dino_name", options=bridge.model_files("dino"),
+                               tooltip="DINO checkpoint in models/dino: dino_vitbase8_pretrain.pth (ViT-B/8, the paper's), "
+                                       "or dino_vitbase16 / dino_deitsmall8 / dino_deitsmall16 files."),
+                io.Boolean.Input("antialias", default=False,
+                                 tooltip="Antialias the 256->224 resize. Off reproduces the authors' runs "
+                                         "(torchvision 0.10); on is what torchvision >= 0.17 does by default."),
+                io.Int.Input("num_heads", default=0, min=0, max=64, optional=True,
+                             tooltip="Attention heads (0 = from the official size table or a <name>_config.json "
+                                     "beside the file). Only needed for non-standard DINO models."),
+            ],
+            outputs=[DINOType.Output(display_name="dino", tooltip="DINO feature extractor (layer-11 keys and [CLS]).")],
+        )
+
+    @classmethod
+    def execute(cls, dino_name: str, antialias: bool = False, num_heads: int = 0) -> io.NodeOutput:
+        path = bridge.model_path("dino", dino_name)
+        extractor = load_dino_extractor(path, num_heads=num_heads or None, antialias=antialias,
+                                        device=bridge.offload_device())
+        return io.NodeOutput(bridge.manage(extractor, extractor))
+
+
+class LoadCLIPGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadCLIPGuidance",
+            display_name="Load CLIP (guidance ensemble)",
+            category=CATEGORY,
+            description="Loads one or more OpenAI/open_clip CLIP models from models/clip_guidance: DiffuseIT uses "
+                        "an ensemble of five, Blended Diffusion ViT-B-16. Not ComfyUI's text-encoder CLIP.",
+            inputs=[
+                io.String.Input("models", default=DEFAULT_CLIP_ENSEMBLE,
+                                tooltip="Comma-separated open_clip architectures. Each needs its OpenAI file in "
+                                        "models/clip_guidance (e.g. RN50.pt, ViT-B-16.pt) or a file named after the "
+                                        "architecture (.pt/.bin/.safetensors). DiffuseIT: RN50, RN50x4, ViT-B-32, "
+                                        "RN50x16, ViT-B-16 (ViT-B-32 alone saves memory); Blended: ViT-B-16. A "
+                                        "sub-folder with open_clip_config.json + weights loads a custom model."),
+                io.Combo.Input("dtype", options=["auto", "fp32", "fp16"], default="auto",
+                               tooltip="'auto': fp16 on CUDA as the official code runs CLIP, fp32 elsewhere."),
+            ],
+            outputs=[CLIPType.Output(display_name="clip", tooltip="The CLIP ensemble (first model is used by "
+                                                                  "masked CLIP loss and ranking).")],
+        )
+
+    @classmethod
+    def execute(cls, models: str, dtype: str = "auto") -> io.NodeOutput:
+        names = [n.strip() for n in models.split(",") if n.strip()]
+        if not names:
+            raise ValueError("models is empty: name at least one CLIP architecture, e.g. ViT-B-16")
+        device = bridge.torch_device()
+        torch_dtype = torch.float16 if (dtype == "fp16" or (dtype == "auto" and device.type == "cuda")) else torch.float32
+        loaded = []
+        for name in names:  # load_clip builds outside inference mode itself
+            folder = bridge.model_path("clip_guidance", name)
+            if os.path.isfile(os.path.join(folder, "open_clip_config.json")):  # a custom open_clip model folder
+                weights = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
+                if not weights:
+                    raise FileNotFoundError(f"CLIP folder {folder!r} has open_clip_config.json but no weights file")
+                loaded.append(load_clip(f"local-dir:{folder}", pretrained=weights[0], models_dir=folder,
+                                        device=bridge.offload_device(), dtype=torch_dtype))
+                continue
+            arch = resolve_architecture(name)
+            file_name, _ = expected_file(arch, "openai")
+            path = bridge.model_path("clip_guidance", file_name)
+            loaded.append(load_clip(arch, pretrained="openai", models_dir=os.path.dirname(path),
+                                    device=bridge.offload_device(), dtype=torch_dtype))
+        ensemble = ClipEnsemble(loaded)
+        return io.NodeOutput(bridge.manage(ensemble, torch.nn.ModuleList([m.module for m in ensemble])))
+
+
+class LoadLPIPS(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadLPIPS",
+            display_name="Load LPIPS (VGG)",
+            category=CATEGORY,
+            description="LPIPS-VGG for Blended Diffusion's optional background-preservation loss. The VGG16 trunk "
+                        f"comes from {VGG16_FILE} in models/lpips; the LPIPS heads ship with the lpips package.",
+            inputs=[io.Combo.Input("vgg_name", options=bridge.model_files("lpips"),
+                                   tooltip=f"torchvision's {VGG16_FILE} in models/lpips.")],
+            outputs=[LPIPSType.Output(display_name="lpips", tooltip="LPIPS distance model (inputs in [-1, 1]).")],
+        )
+
+    @classmethod
+    def execute(cls, vgg_name: str) -> io.NodeOutput:
+        model = load_lpips(bridge.model_path("lpips", vgg_name), device=bridge.offload_device())
+        return io.NodeOutput(bridge.manage(model, model))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..core.blended import blended_sample
 from ..core.guided import GuidedSamplerOptions, sample_many
 from ..core.images import from_model, resize_to_model, to_model
 from . import comfy_bridge as bridge
@@ -66,7 +67,7 @@ class GuidedSampler(io.ComfyNode):
     def execute(cls, ddpm, image, guidance=None, blend=None, respacing="100", skip_timesteps=40, resample_steps=10,
                 sampler="ddpm", seed=0, samples=1, chunk_size=0, range_restart=False, max_restarts=3) -> io.NodeOutput:
         core_ddpm = ddpm.value
-        models = [ddpm] + list(guidance.models if guidance is not None else ()) + list(getattr(blend, "models", ()))
+        models = [ddpm] + list(guidance.models if guidance is not None else ())
         bridge.load_to_device(models)
         device = core_ddpm.device
         options = GuidedSamplerOptions(sampler=sampler, skip_timesteps=skip_timesteps, resample_steps=resample_steps,
@@ -74,13 +75,14 @@ class GuidedSampler(io.ComfyNode):
         schedule = core_ddpm.schedule(respacing)
         steps_per_run = schedule.num_timesteps - skip_timesteps - 1 + resample_steps
         progress = bridge.Progress(steps_per_run * image.shape[0] * samples)
+        terms = guidance.terms if guidance is not None else ()
         with torch.inference_mode(False), torch.enable_grad():
             source = to_model(image.clone()).to(device)
-            if blend is None:
-                source = resize_to_model(source, core_ddpm.image_size)
-            terms = guidance.terms if guidance is not None else ()
-            result = sample_many(core_ddpm.unet, schedule, source, terms, samples_per_image=samples, seed=seed,
-                                 chunk_size=chunk_size, options=options,
-                                 blend=blend.value if blend is not None else None,
-                                 callback=progress, learn_sigma=core_ddpm.learn_sigma)
+            if blend is not None:  # crop around each mask, edit at model size, stitch back
+                result = blended_sample(core_ddpm, source, blend, terms, samples=samples, seed=seed,
+                                        respacing=respacing, options=options, chunk_size=chunk_size, callback=progress)
+            else:
+                result = sample_many(core_ddpm.unet, schedule, resize_to_model(source, core_ddpm.image_size), terms,
+                                     samples_per_image=samples, seed=seed, chunk_size=chunk_size, options=options,
+                                     callback=progress, learn_sigma=core_ddpm.learn_sigma)
         return io.NodeOutput(from_model(result.images).to(bridge.intermediate_device()))

@@ -12,6 +12,7 @@ GuidanceType = io.Custom("DIFFUSION_GUIDANCE")
 DINOType = io.Custom("DINO_VIT")
 CLIPType = io.Custom("CLIP_GUIDANCE_MODELS")
 BlendType = io.Custom("BACKGROUND_BLEND")
+LPIPSType = io.Custom("LPIPS_MODEL")
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,90 @@ def test_guided_sampler_cancel(pack):
             GuidedSampler.execute(ddpm=ddpm, image=torch.rand(1, 32, 32, 3), respacing="10", skip_timesteps=5,
                                   resample_steps=1, seed=0, samples=1)
     assert not mm.interrupt_processing
+
+
+def _tiny_models_folder(models):
+    """Tiny DINO (fixture, with its head-count sidecar) and a tiny open_clip folder in the pack's folders."""
+    import json as _json
+    from core.clip import tiny_open_clip_config
+    dino = models / "dino"
+    dino.mkdir(exist_ok=True)
+    shutil.copy(fixture_path("diffuseit", "tiny_dino_vit.safetensors"), dino / "tiny_dino_vit.safetensors")
+    shutil.copy(fixture_path("diffuseit", "tiny_dino_vit_config.json"), dino / "tiny_dino_vit_config.json")
+    clip = models / "clip_guidance" / "tiny-clip"
+    clip.mkdir(parents=True, exist_ok=True)
+    (clip / "open_clip_config.json").write_text(_json.dumps({"model_cfg": tiny_open_clip_config("vit")}))
+    import open_clip
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16", pretrained=None) if False else None  # noqa: F841 (never built: too big)
+    from core.clip import load_clip
+    tiny = load_clip(f"local-dir:{clip}", pretrained=None)
+    save_file({k: v.contiguous() for k, v in tiny.module.state_dict().items()}, str(clip / "open_clip_model.safetensors"))
+
+
+def _run(node, **kwargs):
+    with torch.inference_mode():
+        return node.execute(**kwargs).result
+
+
+def test_diffuseit_text_and_image_graphs(pack):
+    _, models = pack
+    ddpm = _tiny_ddpm_node_output(models)
+    _tiny_models_folder(models)
+    from diffuseit_pack.nodes import guidance as g
+    from diffuseit_pack.nodes.loaders import LoadCLIPGuidance, LoadDINO
+    from diffuseit_pack.nodes.sampling import GuidedSampler
+    (dino,) = _run(LoadDINO, dino_name="tiny_dino_vit.safetensors", antialias=False)
+    (clip,) = _run(LoadCLIPGuidance, models="tiny-clip", dtype="auto")
+    (chain,) = _run(g.DINOStructureLossNode, dino=dino, contrast_schedule="regularize_content")
+    (chain,) = _run(g.SemanticDivergenceNode, dino=dino, diff_iter=2, guidance=chain)
+    (chain,) = _run(g.CLIPDirectionalLossNode, clip=clip, source_text="Lion", target_text="Black Leopard", ncuts=2,
+                    guidance=chain)
+    (text_chain,) = _run(g.RangeLossNode, weight=200.0, guidance=chain)
+    assert [t.name for t in text_chain.terms] == ["dino_structure", "semantic_divergence", "clip_directional", "range"]
+    assert len(text_chain.models) == 2  # DINO once, CLIP once
+    image = torch.rand(1, 24, 40, 3)
+    kwargs = dict(ddpm=ddpm, image=image, respacing="10", skip_timesteps=6, resample_steps=2, seed=5, samples=2,
+                  range_restart=True, max_restarts=1)
+    (out,) = _run(GuidedSampler, guidance=text_chain, **kwargs)
+    (again,) = _run(GuidedSampler, guidance=text_chain, **kwargs)
+    assert out.shape == (2, 32, 32, 3) and torch.equal(out, again)
+    (style_chain,) = _run(g.DINOStyleLossNode, dino=dino, style_image=torch.rand(1, 50, 30, 3),
+                          guidance=_run(g.DINOStructureLossNode, dino=dino)[0])
+    (styled,) = _run(GuidedSampler, guidance=style_chain, **kwargs)
+    assert styled.shape == out.shape and not torch.equal(styled, out)
+    with pytest.raises(ValueError, match="target_text"):
+        _run(g.CLIPDirectionalLossNode, clip=clip, source_text="Lion", target_text=" ")
+
+
+def test_blended_graph_keeps_background_and_ranks(pack):
+    _, models = pack
+    ddpm = _tiny_ddpm_node_output(models)
+    _tiny_models_folder(models)
+    from diffuseit_pack.nodes import guidance as g
+    from diffuseit_pack.nodes.blending import BackgroundBlend
+    from diffuseit_pack.nodes.loaders import LoadCLIPGuidance
+    from diffuseit_pack.nodes.ranking import CLIPRank
+    from diffuseit_pack.nodes.sampling import GuidedSampler
+    import json as _json
+    (clip,) = _run(LoadCLIPGuidance, models="tiny-clip", dtype="fp32")
+    (chain,) = _run(g.MaskedCLIPLossNode, clip=clip, prompt="a red ball", n_cuts=3)
+    (chain,) = _run(g.RangeLossNode, weight=50.0, guidance=chain)
+    image = torch.rand(1, 48, 64, 3)
+    mask = torch.zeros(1, 48, 64)
+    mask[:, 10:30, 20:40] = 1
+    (blend,) = _run(BackgroundBlend, mask=mask)
+    (out,) = _run(GuidedSampler, ddpm=ddpm, image=image, guidance=chain, blend=blend, respacing="10",
+                  skip_timesteps=5, resample_steps=1, seed=1, samples=3)
+    assert out.shape == (3, 48, 64, 3)
+    keep = (mask == 0)[..., None].expand_as(out)
+    assert torch.equal(out[keep], image.expand_as(out)[keep])  # outside the mask: the input, byte for byte
+    ranked, best, scores = _run(CLIPRank, images=out, clip=clip, prompt="a red ball", top_k=2, mask=mask)
+    values = _json.loads(scores)
+    assert len(values) == 3 and values == sorted(values)
+    assert best.shape == (2, 48, 64, 3) and torch.equal(best, ranked[:2])
+    with pytest.raises(ValueError, match="(?i)empty"):
+        _run(GuidedSampler, ddpm=ddpm, image=image, guidance=chain,
+             blend=_run(BackgroundBlend, mask=torch.zeros(1, 64, 64))[0], respacing="10", skip_timesteps=5,
+             resample_steps=1)
