@@ -1,0 +1,174 @@
+"""Tiny random checkpoints in the real formats, under the real file names, for smoke and e2e tests.
+
+``write_tiny_models(models_dir)`` fills the pack's model folders so that every loader finds the
+file a workflow names and reads it through exactly the code path a published checkpoint takes --
+only the widths are tiny, so a whole workflow runs in seconds on a CPU. The weights are random
+(seeded, so the files are reproducible): outputs are noise, never meaningful images.
+
+* ``guided_diffusion/256x256_diffusion_uncond.pt`` -- a ``torch.save``'d flat state dict with the
+  256x256 model's key scheme and layout rules (learned sigma, scale-shift norm, resblock
+  up/down, six levels, attention at downsampling 8/16/32) but ``model_channels=32`` and one
+  residual block per level. Attention widths are multiples of 64, so the published file's preset
+  (``image_size=256, num_head_channels=64``) applies unchanged and workflows need no overrides.
+  ~2.7 M parameters, 11 MB; one 256 px step takes ~0.2 s on a laptop CPU.
+* ``dino/dino_vitbase8_pretrain.pth`` -- an official-style DINO v1 backbone state dict (timm ViT
+  keys, [CLS] token, qkv bias, patch 8, 224 px, 12 blocks so DiffuseIT's block-11 keys exist) with
+  ``embed_dim=32``; its head count, which no shape shows, is in the sidecar
+  ``dino_vitbase8_pretrain_config.json`` that ``core.dino`` reads.
+* ``clip_guidance/tiny-clip-vit/`` -- an open_clip model folder (``open_clip_config.json`` with
+  ``core.clip.tiny_open_clip_config()`` + ``open_clip_model.safetensors``), loadable with
+  ``core.clip.load_clip(folder, pretrained=<folder>/open_clip_model.safetensors)``. OpenAI's
+  file names (``ViT-B-16.pt``) imply full-size architectures, so a tiny CLIP cannot take them.
+* ``lpips/vgg16-397923af.pth`` -- torchvision's VGG16 ``features.*`` keys (the only part LPIPS
+  uses; no classifier). VGG16 has fixed shapes, so this one is full size (14.7 M parameters),
+  stored in float16 (29 MB) and He-initialised so activations stay finite.
+
+CLI: ``python -m core.tiny_models DIR`` (the lead may expose it as ``core.cli tiny-models DIR``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+
+from .unet import UNetConfig, UNetModel
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+DDPM_FILE = "256x256_diffusion_uncond.pt"
+DINO_FILE = "dino_vitbase8_pretrain.pth"
+CLIP_FOLDER = "tiny-clip-vit"
+CLIP_WEIGHTS = "open_clip_model.safetensors"
+LPIPS_FILE = "vgg16-397923af.pth"  # core.perceptual.VGG16_FILE
+# torchvision's vgg16 "D" configuration: conv widths, "M" = max pool (each conv is followed by a ReLU)
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+# the published 256x256 layout rules with tiny widths (see the module docstring)
+TINY_UNET = UNetConfig(image_size=256, model_channels=32, num_res_blocks=1, attention_ds=(8, 16, 32),
+                       channel_mult=(1, 1, 2, 2, 2, 2), num_head_channels=64, use_scale_shift_norm=True,
+                       resblock_updown=True, out_channels=6)
+TINY_DINO = dict(patch_size=8, embed_dim=32, depth=12, num_heads=2, mlp_ratio=4.0, img_size=224)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Build models under a fixed seed, with autograd-ready weights, leaving the caller's RNG alone."""
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
+        torch.manual_seed(seed)
+        yield
+
+
+def tiny_unet_state_dict(seed: int = 0, config: UNetConfig = TINY_UNET) -> dict[str, torch.Tensor]:
+    """Random weights of a tiny guided-diffusion UNet (float32, CPU, contiguous)."""
+    with _seeded(seed):
+        model = UNetModel(config)
+        # scale the output head down so predicted x0 stays in a sane range for a few steps
+        with torch.no_grad():
+            model.out[2].weight.mul_(0.1)
+            model.out[2].bias.zero_()
+        return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_tiny_ddpm(folder: PathLike, name: str = DDPM_FILE, seed: int = 0) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    torch.save(tiny_unet_state_dict(seed), path)
+    return path
+
+
+def tiny_dino_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random weights of a tiny DINO v1 ViT with the official checkpoint's keys (no head)."""
+    from .dino import DINOViTConfig, build_dino_vit
+
+    cfg = DINOViTConfig(TINY_DINO["patch_size"], TINY_DINO["embed_dim"], TINY_DINO["depth"], TINY_DINO["num_heads"],
+                        TINY_DINO["mlp_ratio"], True, TINY_DINO["img_size"])
+    with _seeded(seed):
+        model = build_dino_vit(cfg)
+        return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_tiny_dino(folder: PathLike, name: str = DINO_FILE, seed: int = 1) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    torch.save(tiny_dino_state_dict(seed), path)
+    (folder / (name.split(".")[0] + "_config.json")).write_text(json.dumps({"num_heads": TINY_DINO["num_heads"]}))
+    return path
+
+
+def write_tiny_clip(folder: PathLike, name: str = CLIP_FOLDER, seed: int = 2) -> Path:
+    """An open_clip model folder with a tiny ViT CLIP; returns the weights file."""
+    from safetensors.torch import save_file
+
+    from .clip import tiny_open_clip_config
+
+    target = Path(folder) / name
+    target.mkdir(parents=True, exist_ok=True)
+    model_cfg = tiny_open_clip_config("vit", image_size=32, embed_dim=16)
+    (target / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=1))
+    import open_clip
+
+    with _seeded(seed):
+        model = open_clip.CLIP(**model_cfg)
+        sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    path = target / CLIP_WEIGHTS
+    save_file(sd, str(path))
+    return path
+
+
+def vgg16_features_state_dict(seed: int = 3, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Random ``features.<i>.weight/bias`` of torchvision's VGG16 (He init), the keys LPIPS reads."""
+    gen = torch.Generator().manual_seed(seed)
+    sd, index, channels = {}, 0, 3
+    for width in _VGG16:
+        if width == "M":
+            index += 1
+            continue
+        std = (2.0 / (channels * 9)) ** 0.5
+        sd[f"features.{index}.weight"] = (torch.randn(width, channels, 3, 3, generator=gen) * std).to(dtype)
+        sd[f"features.{index}.bias"] = torch.zeros(width, dtype=dtype)
+        channels, index = width, index + 2  # conv, relu
+    return sd
+
+
+def write_tiny_lpips(folder: PathLike, name: str = LPIPS_FILE, seed: int = 3) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    torch.save(vgg16_features_state_dict(seed), path)
+    return path
+
+
+def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = True,
+                      lpips: bool = True) -> dict[str, Path]:
+    """Write tiny checkpoints into ``models_dir/<pack folder>/``; returns {folder: written file}.
+
+    ``models_dir`` is a ComfyUI models directory (or the ``base_path`` of an extra_model_paths.yaml
+    entry). DINO and CLIP need timm / open_clip; pass ``dino=False`` / ``clip=False`` /
+    ``lpips=False`` to skip a folder.
+    """
+    root = Path(models_dir)
+    written = {"guided_diffusion": write_tiny_ddpm(root / "guided_diffusion")}
+    if dino:
+        written["dino"] = write_tiny_dino(root / "dino")
+    if clip:
+        written["clip_guidance"] = write_tiny_clip(root / "clip_guidance")
+    if lpips:
+        written["lpips"] = write_tiny_lpips(root / "lpips")
+    return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        print("usage: python -m core.tiny_models MODELS_DIR", file=sys.stderr)
+        sys.exit(2)
+    for folder, path in write_tiny_models(sys.argv[1]).items():
+        print(f"{folder}: {path}")
