@@ -103,11 +103,12 @@ class BlendSpec:
         if self.mode not in BLEND_MODES:
             raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {self.mode!r}")
 
-    def full_mask(self, image: torch.Tensor, index: int = 0) -> torch.Tensor:
-        """This image's mask at its resolution, checked (empty masks are an error)."""
+    def full_mask(self, image: torch.Tensor, index: int = 0, batch: Optional[int] = None) -> torch.Tensor:
+        """Mask of image ``index`` (of ``batch`` images) at that image's resolution, checked (empty = error)."""
         mask = self.mask if self.mask.dim() == 4 else self.mask[:, None]
-        if mask.shape[0] not in (1, image.shape[0]):
-            raise ValueError(f"mask batch {mask.shape[0]} does not match image batch {image.shape[0]}: give one mask "
+        batch = image.shape[0] if batch is None else batch
+        if mask.shape[0] not in (1, batch):
+            raise ValueError(f"mask batch {mask.shape[0]} does not match image batch {batch}: give one mask "
                              "for all images or one per image")
         one = mask[index if mask.shape[0] > 1 else 0][None]
         return prepare_mask(one, image.shape[-2], image.shape[-1], invert=self.invert, soft=self.soft,
@@ -134,7 +135,7 @@ def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tupl
     steps_done = 0
     for index in range(images.shape[0]):
         image = images[index:index + 1].to(device)
-        full_mask = spec.full_mask(image, index).to(device)
+        full_mask = spec.full_mask(image, index, images.shape[0]).to(device)
         box = plan_crop(full_mask, model_size=size, margin=spec.crop_margin)
         crop, crop_mask = extract_crop(image, full_mask, box, size, soft_mask=spec.soft)
         blend = BackgroundBlend(crop_mask, spec.mode, spec.enforce_background)
