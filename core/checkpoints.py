@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 import torch

@@ -11,8 +11,8 @@ head in float32).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,7 @@ import json
 import torch
 from comfy_api.latest import io
 
-from ..core.images import from_model, to_model
+from ..core.images import to_model
 from ..core.masks import prepare_mask
 from ..core.rank import rank_results
 from . import comfy_bridge as bridge

@@ -1,5 +1,6 @@
 """Shared test set-up: the repository root on sys.path (``import core``), fixture paths, determinism."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -30,3 +31,45 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     excess = ((actual - expected).abs() - (atol + rtol * expected.abs())).max().item()
     assert excess <= 0, f"{what}: max |diff| {(actual - expected).abs().max().item():.3g} exceeds atol {atol:g} + rtol {rtol:g}|ref|"
+
+
+# --- the official guided-diffusion reference (shared by the schedule, sampling and guided tests)
+
+@pytest.fixture(scope="session")
+def ref() -> dict:
+    """diffusion_reference.json: configs, spacings and recorded tolerances."""
+    return load_json("guided_diffusion", "diffusion_reference.json")
+
+
+@pytest.fixture(scope="session")
+def tensors() -> dict:
+    from safetensors.torch import load_file
+    return load_file(fixture_path("guided_diffusion", "diffusion_reference.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def unet() -> torch.nn.Module:
+    """The official tiny UNet (its head width is the one fact its shapes cannot tell)."""
+    from core import load_ddpm
+    kw = load_json("guided_diffusion", "tiny_unet_config.json")["create_model_kwargs"]
+    return load_ddpm(fixture_path("guided_diffusion", "tiny_unet.safetensors"),
+                     num_head_channels=kw["num_head_channels"]).unet
+
+
+# --- the pack against a stub ComfyUI (node tests)
+
+@pytest.fixture(scope="session")
+def pack(tmp_path_factory):
+    """The pack imported as ComfyUI would (package 'diffuseit_pack'), against tests/comfy_stub."""
+    models = tmp_path_factory.mktemp("models")
+    os.environ["STUB_COMFY_MODELS"] = str(models)
+    sys.path.insert(0, os.path.join(ROOT, "tests", "comfy_stub"))
+    for name in [m for m in sys.modules if m.split(".")[0] in ("folder_paths", "comfy", "comfy_api", "diffuseit_pack")]:
+        del sys.modules[name]
+    spec = importlib.util.spec_from_file_location("diffuseit_pack", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["diffuseit_pack"] = module
+    spec.loader.exec_module(module)
+    yield module, models
+    sys.path.remove(os.path.join(ROOT, "tests", "comfy_stub"))

@@ -1,7 +1,6 @@
 """load_ddpm: strict loading of the real layouts, safe unpickling and clear errors."""
 
 import os
-import pickle
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ recorded per-step and re-noising draws replayed, the final sample and saved x0 m
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import fixture_path

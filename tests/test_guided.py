@@ -6,25 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close, fixture_path, load_json
-from core import load_ddpm
+from conftest import assert_close, fixture_path
 from core.guidance import StepContext
 from core.guided import (GuidanceError, GuidedSamplerOptions, guidance_gradient, guided_sample, program,
                          renoise_one_step)
 from core.schedule import DiffusionSchedule
 
 GROUP = "guided_diffusion"
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return load_json(GROUP, "diffusion_reference.json")
-
-
-@pytest.fixture(scope="module")
-def unet():
-    kw = load_json(GROUP, "tiny_unet_config.json")["create_model_kwargs"]
-    return load_ddpm(fixture_path(GROUP, "tiny_unet.safetensors"), num_head_channels=kw["num_head_channels"]).unet
 
 
 @dataclass(frozen=True)

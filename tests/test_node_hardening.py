@@ -1,17 +1,16 @@
 """Bad and unusual input through the nodes: each gets a clear message naming the input, or a tested behaviour."""
 
 import os
-import shutil
 
 import pytest
 import torch
 
-from conftest import fixture_path, load_json
-from test_nodes import _run, _tiny_ddpm_node_output, _tiny_models_folder, pack  # noqa: F401 (fixture)
+from conftest import fixture_path
+from test_nodes import _run, _tiny_ddpm_node_output, _tiny_models_folder
 
 
 @pytest.fixture(scope="module")
-def graph(pack):  # noqa: F811
+def graph(pack):
     _, models = pack
     ddpm = _tiny_ddpm_node_output(models)
     _tiny_models_folder(models)
@@ -84,7 +83,7 @@ def test_nan_guidance_is_reported(graph):
         sampler(ddpm=ddpm, image=torch.rand(1, 32, 32, 3) * 4, guidance=chain)
 
 
-def test_loaders_reject_wrong_truncated_and_pickled_files(pack):  # noqa: F811
+def test_loaders_reject_wrong_truncated_and_pickled_files(pack):
     _, models = pack
     from diffuseit_pack.nodes.loaders import LoadDDPM, LoadDINO
     from safetensors.torch import save_file
@@ -112,7 +111,7 @@ def test_loaders_reject_wrong_truncated_and_pickled_files(pack):  # noqa: F811
         _run(LoadDINO, dino_name="dino_vitbase8_pretrain.pth", antialias=False)
 
 
-def test_missing_clip_weights_name_the_file_and_folder(pack):  # noqa: F811
+def test_missing_clip_weights_name_the_file_and_folder(pack):
     from diffuseit_pack.nodes.loaders import LoadCLIPGuidance
     with pytest.raises(FileNotFoundError) as err:
         _run(LoadCLIPGuidance, models="ViT-B-16", dtype="fp32")

@@ -1,8 +1,6 @@
 """The ComfyUI entry point registers valid node definitions; LoadDDPM loads through a stub ComfyUI."""
 
 import asyncio
-import importlib.util
-import os
 import shutil
 import sys
 
@@ -10,24 +8,6 @@ import pytest
 import torch
 
 from conftest import ROOT, fixture_path, load_json
-
-STUB = os.path.join(ROOT, "tests", "comfy_stub")
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    os.environ["STUB_COMFY_MODELS"] = str(models)
-    sys.path.insert(0, STUB)
-    for name in [m for m in sys.modules if m.split(".")[0] in ("folder_paths", "comfy", "comfy_api", "diffuseit_pack")]:
-        del sys.modules[name]
-    spec = importlib.util.spec_from_file_location("diffuseit_pack", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["diffuseit_pack"] = module
-    spec.loader.exec_module(module)
-    yield module, models
-    sys.path.remove(STUB)
 
 
 def node_list(module):
@@ -143,11 +123,9 @@ def _tiny_models_folder(models):
     clip = models / "clip_guidance" / "tiny-clip"
     clip.mkdir(parents=True, exist_ok=True)
     (clip / "open_clip_config.json").write_text(_json.dumps({"model_cfg": tiny_open_clip_config("vit")}))
-    import open_clip
     from safetensors.torch import save_file
-    torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-16", pretrained=None) if False else None  # noqa: F841 (never built: too big)
     from core.clip import load_clip
+    torch.manual_seed(0)
     tiny = load_clip(f"local-dir:{clip}", pretrained=None)
     save_file({k: v.contiguous() for k, v in tiny.module.state_dict().items()}, str(clip / "open_clip_model.safetensors"))
 

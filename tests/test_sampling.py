@@ -2,29 +2,11 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from conftest import assert_close, fixture_path, load_json
-from core import load_ddpm, sample
+from conftest import assert_close
+from core import sample
 from core.schedule import DiffusionSchedule
 
 GROUP = "guided_diffusion"
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return load_json(GROUP, "diffusion_reference.json")
-
-
-@pytest.fixture(scope="module")
-def tensors():
-    return load_file(fixture_path(GROUP, "diffusion_reference.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def unet():
-    kw = load_json(GROUP, "tiny_unet_config.json")["create_model_kwargs"]
-    return load_ddpm(fixture_path(GROUP, "tiny_unet.safetensors"), num_head_channels=kw["num_head_channels"]).unet
 
 
 class Replay:

@@ -2,32 +2,13 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from conftest import assert_close, fixture_path, load_json
-from core import load_ddpm
+from conftest import assert_close
 from core.sampling import ddim_step, ddpm_step, model_output
 from core.schedule import DiffusionSchedule, cosine_betas, p_mean_variance, q_sample, space_timesteps
 
 GROUP = "guided_diffusion"
 # README "Tolerances": float64 schedules are identical when recomputed in float64; allow last-bit noise only
 SCHEDULE_RTOL = 1e-12
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return load_json(GROUP, "diffusion_reference.json")
-
-
-@pytest.fixture(scope="module")
-def tensors():
-    return load_file(fixture_path(GROUP, "diffusion_reference.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def unet():
-    kw = load_json(GROUP, "tiny_unet_config.json")["create_model_kwargs"]
-    return load_ddpm(fixture_path(GROUP, "tiny_unet.safetensors"), num_head_channels=kw["num_head_channels"]).unet
 
 
 def atol(ref, key):
