@@ -15,7 +15,7 @@ import torch
 
 from .blend import BLEND_MODES, blend_background, enforce_background, extract_crop, plan_crop, stitch_back
 from .blended_losses import blended_guidance
-from .guided import GuidedSamplerOptions, program, sample_many
+from .guided import GuidedSamplerOptions, ProgressRelay, planned_steps, sample_many
 from .masks import prepare_mask
 from .rank import rank_results
 
@@ -132,22 +132,17 @@ def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tupl
     returned unchanged). Row r of the result uses seed + r, as in :func:`sample_many`."""
     size, device = ddpm.image_size, ddpm.device
     outputs, edits, masks, restarts = [], [], [], []
-    steps_done = 0
+    schedule = ddpm.schedule(respacing)
+    relay = ProgressRelay(callback, runs=images.shape[0], steps_per_run=planned_steps(schedule, options, samples, chunk_size))
     for index in range(images.shape[0]):
         image = images[index:index + 1].to(device)
         full_mask = spec.full_mask(image, index, images.shape[0]).to(device)
         box = plan_crop(full_mask, model_size=size, margin=spec.crop_margin)
         crop, crop_mask = extract_crop(image, full_mask, box, size, soft_mask=spec.soft)
         blend = BackgroundBlend(crop_mask, spec.mode, spec.enforce_background)
-
-        def relay(info: dict, offset: int = steps_done) -> None:
-            if callback is not None:
-                callback(dict(info, i=offset + info["i"], total=info["total"] * images.shape[0]))
-
-        result = sample_many(ddpm.unet, ddpm.schedule(respacing), crop, terms, samples_per_image=samples,
+        result = sample_many(ddpm.unet, schedule, crop, terms, samples_per_image=samples,
                              seed=seed + index * samples, chunk_size=chunk_size, options=options, blend=blend,
-                             callback=relay, learn_sigma=ddpm.learn_sigma)
-        steps_done += len(program(ddpm.schedule(respacing), options)) * samples
+                             callback=relay.next_run(), learn_sigma=ddpm.learn_sigma)
         outputs.append(stitch_back(image, result.images, full_mask, box, feather=spec.feather))
         edits.append(result.images)
         masks.append(crop_mask.expand(samples, -1, -1, -1))

@@ -157,7 +157,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
         if restart is not None:
             x = start(restart, x)
             position = torch.where(restart.cpu(), torch.zeros_like(position), position)
-            total += len(steps)
+        total = i + 1 + int((len(steps) - position).clamp(min=0).max())  # grows only when a row restarts
         if callback is not None:
             callback({"i": i, "total": total, "t_index": int(t_index[0]), "t": int(schedule.timestep_map[t_index[0]]),
                       "x": x, "predicted_x0": x0, "losses": per_term})
@@ -245,22 +245,22 @@ def sample_many(unet: torch.nn.Module, schedule: DiffusionSchedule, sources: tor
     chunk = n if chunk_size <= 0 else min(chunk_size, n)
     chunks = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     images, samples, restarts = [], [], []
-    done = 0
+    relay = ProgressRelay(callback, runs=len(chunks), steps_per_run=len(program(schedule, options)))
     for lo, hi in chunks:
-        def relay(info: dict, offset: int = done) -> None:
-            if callback is not None:
-                per_chunk = info["total"]
-                callback(dict(info, i=offset + info["i"], total=per_chunk * len(chunks)))
-
         part_terms = [select_rows(term, lo, hi, n) for term in terms]
         part_blend = select_rows(blend, lo, hi, n) if blend is not None else None
         res = guided_sample(unet, schedule, rows[lo:hi], part_terms, seed=seed + lo, options=options, blend=part_blend,
-                            callback=relay, learn_sigma=learn_sigma)
+                            callback=relay.next_run(), learn_sigma=learn_sigma)
         images.append(res.images)
         samples.append(res.samples)
         restarts.extend(res.restarts)
-        done += len(program(schedule, options)) + sum(res.restarts) * len(program(schedule, options))
     return GuidedResult(images=torch.cat(images), samples=torch.cat(samples), restarts=restarts)
+
+
+def planned_steps(schedule: DiffusionSchedule, options: GuidedSamplerOptions, rows: int, chunk_size: int = 0) -> int:
+    """Guided steps :func:`sample_many` will take for ``rows`` rows without restarts (chunks run one after another)."""
+    chunks = 1 if chunk_size <= 0 else -(-rows // chunk_size)
+    return len(program(schedule, options)) * chunks
 
 
 def select_rows(value: Any, lo: int, hi: int, n: int) -> Any:
@@ -279,3 +279,26 @@ def _check_rows(value: Any, n: int) -> None:
     if isinstance(mask, torch.Tensor) and mask.shape[0] not in (1, n):
         raise ValueError(f"{type(value).__name__}.mask has batch {mask.shape[0]} but there are {n} sample rows; "
                          "give one mask, or one per row (images x samples)")
+
+
+class ProgressRelay:
+    """Turns the per-run ``{i, total}`` of several consecutive runs into one running count.
+
+    ``total`` = steps already taken + the current run's own total + the planned steps of the runs still
+    to come, so a progress bar ends exactly full even when range restarts lengthen a run.
+    """
+
+    def __init__(self, callback: Optional[Callable[[dict], None]], runs: int, steps_per_run: int):
+        self.callback, self.left, self.steps_per_run = callback, runs, steps_per_run
+        self.done = 0
+
+    def next_run(self) -> Callable[[dict], None]:
+        self.left -= 1
+        base = self.done
+
+        def relay(info: dict) -> None:
+            self.done = base + info["i"] + 1
+            if self.callback is not None:
+                self.callback(dict(info, i=base + info["i"], total=base + info["total"] + self.left * self.steps_per_run))
+
+        return relay

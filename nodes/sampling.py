@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.blended import blended_sample
-from ..core.guided import GuidedSamplerOptions, sample_many
+from ..core.guided import GuidedSamplerOptions, planned_steps, sample_many
 from ..core.images import from_model, resize_to_model, to_model
 from . import comfy_bridge as bridge
 from .types import BlendType, DDPMType, GuidanceType
@@ -73,8 +73,9 @@ class GuidedSampler(io.ComfyNode):
         options = GuidedSamplerOptions(sampler=sampler, skip_timesteps=skip_timesteps, resample_steps=resample_steps,
                                        range_restart_threshold=0.01 if range_restart else None, max_restarts=max_restarts)
         schedule = core_ddpm.schedule(respacing)
-        steps_per_run = schedule.num_timesteps - skip_timesteps - 1 + resample_steps
-        progress = bridge.Progress(steps_per_run * image.shape[0] * samples)
+        per_image = planned_steps(schedule, options, samples, chunk_size)
+        progress = bridge.Progress(per_image * image.shape[0] if blend is not None
+                                   else planned_steps(schedule, options, samples * image.shape[0], chunk_size))
         terms = guidance.terms if guidance is not None else ()
         with torch.inference_mode(False), torch.enable_grad():
             source = to_model(image.clone()).to(device)

@@ -266,9 +266,6 @@ DIFFUSEIT_WORKFLOW = os.path.join(ROOT, "workflows", "diffuseit_text.json")
 
 
 @pytest.mark.skipif(not os.path.exists(DIFFUSEIT_WORKFLOW), reason="workflows/diffuseit_text.json missing")
-@pytest.mark.xfail(strict=True, reason="core/guided.py: a range restart adds a whole pass to `total` although the "
-                                       "restarted row had already done part of it, so the bar ends short of its "
-                                       "max (e.g. 15/24); remove this mark once fixed")
 def test_progress_ends_full_with_range_restarts(server):
     prompt = prepared(server, DIFFUSEIT_WORKFLOW, image_name="restart_source.png", seed=0, range_restart=True)
     result = run_ok(server, prompt)

@@ -124,6 +124,11 @@ class AlwaysOutOfRange:
 def test_range_restart_is_per_row_and_bounded(unet):
     sched = DiffusionSchedule.create(1000, "linear", "10")
     opts = GuidedSamplerOptions(skip_timesteps=6, range_restart_threshold=0.01, max_restarts=2)
-    res = guided_sample(unet, sched, torch.zeros(2, 3, 32, 32), [AlwaysOutOfRange()], options=opts)
+    seen = []
+    res = guided_sample(unet, sched, torch.zeros(2, 3, 32, 32), [AlwaysOutOfRange()], options=opts,
+                        callback=lambda d: seen.append((d["i"], d["total"])))
     assert res.restarts == [2, 2]
+    assert [i for i, _ in seen] == list(range(len(seen)))
+    assert seen[-1][0] + 1 == seen[-1][1]  # the bar ends exactly full despite the restarts
+    assert all(b >= a for (_, a), (_, b) in zip(seen, seen[1:]))
     assert torch.isfinite(res.images).all()
