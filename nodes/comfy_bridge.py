@@ -69,6 +69,13 @@ def offload_device() -> torch.device:
     return mm.unet_offload_device()
 
 
+def half_precision_ok(device: torch.device) -> bool:
+    """ComfyUI's own verdict on fp16 for this device (respects --force-fp32 and CPU runs)."""
+    import comfy.model_management as mm
+
+    return bool(mm.should_use_fp16(device))
+
+
 def pick_unet_dtype(choice: str, device: torch.device, n_params: int) -> torch.dtype:
     """'auto' follows ComfyUI's --fp16-unet/--bf16-unet/--force-fp32 and the device's support."""
     import comfy.model_management as mm

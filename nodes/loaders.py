@@ -100,7 +100,8 @@ class LoadCLIPGuidance(io.ComfyNode):
                                         "RN50x16, ViT-B-16 (ViT-B-32 alone saves memory); Blended: ViT-B-16. A "
                                         "sub-folder with open_clip_config.json + weights loads a custom model."),
                 io.Combo.Input("dtype", options=["auto", "fp32", "fp16"], default="auto",
-                               tooltip="'auto': fp16 on CUDA as the official code runs CLIP, fp32 elsewhere."),
+                               tooltip="'auto': fp16 on CUDA as the official code runs CLIP (unless ComfyUI says "
+                                       "fp16 is unsuitable, e.g. --force-fp32), fp32 elsewhere."),
             ],
             outputs=[CLIPType.Output(display_name="clip", tooltip="The CLIP ensemble (first model is used by "
                                                                   "masked CLIP loss and ranking).")],
@@ -112,7 +113,8 @@ class LoadCLIPGuidance(io.ComfyNode):
         if not names:
             raise ValueError("models is empty: name at least one CLIP architecture, e.g. ViT-B-16")
         device = bridge.torch_device()
-        torch_dtype = torch.float16 if (dtype == "fp16" or (dtype == "auto" and device.type == "cuda")) else torch.float32
+        half = dtype == "fp16" or (dtype == "auto" and device.type == "cuda" and bridge.half_precision_ok(device))
+        torch_dtype = torch.float16 if half else torch.float32
         loaded = []
         for name in names:  # load_clip builds outside inference mode itself
             folder = bridge.model_path("clip_guidance", name)
