@@ -132,3 +132,38 @@ def test_range_restart_is_per_row_and_bounded(unet):
     assert seen[-1][0] + 1 == seen[-1][1]  # the bar ends exactly full despite the restarts
     assert all(b >= a for (_, a), (_, b) in zip(seen, seen[1:]))
     assert torch.isfinite(res.images).all()
+
+
+def test_single_forward_equals_upstream_two_forward_step(ref, tensors, unet):
+    """Upstream: a no-grad forward for the step plus a grad forward inside cond_fn. One pass gives both."""
+    from core.sampling import ddpm_step, model_output
+    from core.schedule import p_mean_variance
+    entry = ref["p_sample_cond"]
+    sched = DiffusionSchedule.create(1000, "linear", entry["spacing"])
+    x, ti, z = tensors["p_sample_cond.x_t"], tensors["p_sample_cond.t"], tensors["p_sample_cond.noise"]
+    term = ToTarget()
+    with torch.no_grad():  # upstream pass 1
+        mv_plain = p_mean_variance(sched, model_output(unet, x, ti, sched), x, ti, clip_denoised=False)
+    x_grad = x.clone().requires_grad_(True)  # upstream pass 2 (cond_fn)
+    mv_grad = p_mean_variance(sched, model_output(unet, x_grad, ti, sched), x_grad, ti, clip_denoised=False)
+    ctx = StepContext(t_index=ti, t=sched.model_timesteps(ti), x_t=x_grad, schedule=sched, source=x)
+    (g_two,) = torch.autograd.grad(-term(mv_grad.pred_xstart, ctx).sum(), x_grad)
+    two = ddpm_step(sched, mv_plain, x, ti, z, g_two)
+    ctx1 = StepContext(t_index=ti, t=sched.model_timesteps(ti), x_t=x, schedule=sched, source=x)
+    mv_one, g_one, _ = guidance_gradient(unet, sched, x, ti, [term], ctx1)
+    one = ddpm_step(sched, mv_one, x, ti, z, g_one)
+    assert torch.equal(g_one, g_two)
+    assert torch.equal(one, two)
+
+
+def test_terms_compose_by_summing(ref, tensors, unet):
+    sched = DiffusionSchedule.create(1000, "linear", ref["grad_pred_xstart"]["spacing"])
+    x, ti = tensors["grad_pred_xstart.x_t"], tensors["grad_pred_xstart.t"]
+    a, b = Linear(tensors["grad_pred_xstart.weight"]), ToTarget(target=-0.2, scale=3.0)
+
+    def grad_of(terms):
+        ctx = StepContext(t_index=ti, t=sched.model_timesteps(ti), x_t=x, schedule=sched, source=x)
+        return guidance_gradient(unet, sched, x, ti, terms, ctx)[1]
+
+    both = grad_of([a, b])
+    assert_close(both, grad_of([a]) + grad_of([b]), 1e-5, what="sum of gradients")
