@@ -6,11 +6,12 @@ from . import comfy_bridge
 from .blending import BackgroundBlend
 from .guidance import NODES as GUIDANCE_NODES
 from .loaders import LoadCLIPGuidance, LoadDDPM, LoadDINO, LoadLPIPS
+from .postprocess import ColorMatch
 from .ranking import CLIPRank
 from .sampling import GuidedSampler
 
 NODES: list[type[io.ComfyNode]] = [LoadDDPM, LoadDINO, LoadCLIPGuidance, LoadLPIPS, *GUIDANCE_NODES, BackgroundBlend,
-                                   GuidedSampler, CLIPRank]
+                                   GuidedSampler, CLIPRank, ColorMatch]
 
 
 class DiffuseITBlendedExtension(ComfyExtension):

@@ -44,21 +44,21 @@ def test_pipelines_on_tiny_models(tmp_path):
               "--device", "cpu", "--respacing", "10", "--skip-timesteps", "8"]
     dino = ["--dino", str(models / "dino" / "dino_vitbase8_pretrain.pth")]
     text = run_cli("diffuseit-text", *common, *dino, "--resample-steps", "1", "--clip-models", "tiny-clip-vit",
-                   "--image", f"{ROOT}/examples/chelsea.png", "--source-text", "cat", "--target-text", "tiger",
+                   "--image", f"{ROOT}/assets/chelsea.png", "--source-text", "cat", "--target-text", "tiger",
                    "--out", str(tmp_path / "text.png"))
     assert text.returncode == 0, text.stderr
     assert Image.open(tmp_path / "text.png").size == (256, 256)
-    image = run_cli("diffuseit-image", *common, *dino, "--resample-steps", "1", "--image", f"{ROOT}/examples/chelsea.png",
-                    "--style", f"{ROOT}/examples/coffee.png", "--out", str(tmp_path / "style.png"))
+    image = run_cli("diffuseit-image", *common, *dino, "--resample-steps", "1", "--image", f"{ROOT}/assets/chelsea.png",
+                    "--style", f"{ROOT}/assets/coffee.png", "--out", str(tmp_path / "style.png"))
     assert image.returncode == 0, image.stderr
-    blended = run_cli("blended", *common, "--clip-model", "tiny-clip-vit", "--image", f"{ROOT}/examples/coffee.png",
-                      "--mask", f"{ROOT}/examples/coffee_mask.png", "--prompt", "latte art", "--samples", "2",
+    blended = run_cli("blended", *common, "--clip-model", "tiny-clip-vit", "--image", f"{ROOT}/assets/coffee.png",
+                      "--mask", f"{ROOT}/assets/coffee_mask.png", "--prompt", "latte art", "--samples", "2",
                       "--out", str(tmp_path / "edit.png"))
     assert blended.returncode == 0, blended.stderr
     lines = blended.stdout.strip().splitlines()
     assert len(lines) == 2 and all("clip_distance=" in line for line in lines)
-    src = Image.open(f"{ROOT}/examples/coffee.png").convert("RGB")
-    mask = Image.open(f"{ROOT}/examples/coffee_mask.png").convert("L")
+    src = Image.open(f"{ROOT}/assets/coffee.png").convert("RGB")
+    mask = Image.open(f"{ROOT}/assets/coffee_mask.png").convert("L")
     out = Image.open(lines[0].split("\t")[0]).convert("RGB")
     assert out.size == src.size
     import numpy as np

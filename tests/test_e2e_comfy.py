@@ -23,6 +23,7 @@ import pytest
 
 from conftest import FIXTURES, ROOT
 from e2e import comfy_env
+from e2e.prompts import prepared
 from e2e.server import ComfyServer, ServerError
 from e2e.ui_to_api import convert
 
@@ -41,18 +42,6 @@ def declared_nodes() -> set:
 
 
 EXPECTED_NODES = {"LoadDDPM", "GuidedSampler"} | declared_nodes()
-# few steps for every GuidedSampler of a workflow: 2 resampling repeats + (10 - 1 - 5) steps
-FAST_SAMPLER = {"respacing": "10", "skip_timesteps": 5, "resample_steps": 2}
-MAX_SAMPLES = 2  # enough to exercise batching and ranking
-# widget values replaced in every workflow so it runs with the tiny models in seconds
-FAST_INPUTS = {
-    "GuidedSampler": FAST_SAMPLER,
-    # sample at 64 px: the tiny UNet accepts any multiple of 32, and LPIPS/crops shrink with it (the
-    # published preset itself, without overrides, is covered by test_tiny_models)
-    "LoadDDPM": {"overrides": "image_size=64"},
-    # OpenAI's CLIP names imply full-size models; the tiny one is an open_clip folder (core.tiny_models.CLIP_FOLDER)
-    "LoadCLIPGuidance": {"models": "tiny-clip-vit"},
-}
 
 
 def sampler_steps(inputs: dict, images: int = 1) -> int:
@@ -66,24 +55,6 @@ def sampler_steps(inputs: dict, images: int = 1) -> int:
     rows, chunk = images * inputs.get("samples", 1), inputs.get("chunk_size", 0)
     batches = math.ceil(rows / chunk) if chunk else 1
     return (inputs["resample_steps"] + n - 1 - inputs["skip_timesteps"]) * batches
-
-
-def picture_png(seed: int = 0, size: int = 64, mask: bool = False) -> bytes:
-    """A small deterministic test picture (gradients + a disc) as PNG bytes. ``mask``: an RGBA picture that
-    is white and transparent on the disc, black and opaque elsewhere, so LoadImage's MASK (1 - alpha) and
-    LoadImageMask (any channel) are all 1 on the disc."""
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:size, 0:size] / (size - 1)
-    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.06).astype(float)
-    rgb = np.stack([x, y, 0.5 * (1 - x) + 0.5 * disc], -1)
-    rgb = (rgb + 0.02 * np.random.default_rng(seed).standard_normal(rgb.shape)).clip(0, 1)
-    if mask:  # white disc on black, and transparent there: LoadImage's MASK and LoadImageMask agree
-        rgb = np.concatenate([np.repeat(disc[..., None], 3, -1), 1 - disc[..., None]], -1)
-    buf = io.BytesIO()
-    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def pixels(png: bytes):
@@ -133,28 +104,6 @@ def run_ok(server: ComfyServer, prompt: dict, timeout: float = 300, **kw):
     return result
 
 
-def prepared(server: ComfyServer, path: str, image_name=None, **sampler) -> dict:
-    """A workflow file as a fast API prompt: test pictures under its LoadImage names (names containing
-    'mask' get a transparent disc), FAST_INPUTS applied, at most MAX_SAMPLES samples, ``sampler`` values
-    on top for GuidedSampler."""
-    with open(path) as f:
-        prompt = convert(json.load(f), server.object_info())
-    for node in prompt.values():
-        if node["class_type"] in ("LoadImage", "LoadImageMask"):
-            name = node["inputs"]["image"]
-            if image_name and "mask" not in name.lower():
-                node["inputs"]["image"] = name = image_name
-            server.upload_input(name, picture_png(mask="mask" in name.lower()))
-        fast = dict(FAST_INPUTS.get(node["class_type"], {}))
-        if node["class_type"] == "GuidedSampler":
-            fast["samples"] = min(node["inputs"].get("samples", 1), MAX_SAMPLES)
-            fast.update(sampler)
-        for name, value in fast.items():
-            if name in node["inputs"] and not isinstance(node["inputs"][name], list):  # never replace a link
-                node["inputs"][name] = value
-    return prompt
-
-
 def sampler_ids(prompt: dict) -> list[str]:
     return [nid for nid, node in prompt.items() if node["class_type"] == "GuidedSampler"]
 
@@ -179,6 +128,20 @@ def test_every_input_has_a_tooltip(server):
                for inp, spec in (info["input"].get(section) or {}).items()
                if not (len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("tooltip"))]
     assert not missing, f"inputs without tooltip: {missing}"
+
+
+@pytest.mark.skipif(not WORKFLOWS, reason="no workflows/*.json yet")
+def test_workflows_are_served_as_templates(server):
+    """ComfyUI's template browser lists the pack's workflows and loads each one. ComfyUI serves the first
+    existing folder of example_workflows, example, examples, workflow, workflows under one URL prefix, so
+    no example/examples folder may exist beside workflows/ (the sample pictures live in assets/)."""
+    status, listing = server.request("/workflow_templates")
+    assert status == 200 and sorted(listing.get(server.pack_folder, [])) == sorted(
+        os.path.basename(p)[:-5] for p in WORKFLOWS), listing
+    for path in WORKFLOWS:
+        status, served = server.request(f"/api/workflow_templates/{server.pack_folder}/{os.path.basename(path)}")
+        with open(path) as f:
+            assert status == 200 and served == json.load(f), f"{os.path.basename(path)}: HTTP {status}"
 
 
 def test_core_ui_workflow_converts_and_runs(server):
@@ -274,3 +237,33 @@ def test_progress_ends_full_with_range_restarts(server):
     if len(events) <= sampler_steps(prompt[nid]["inputs"]):
         pytest.skip("no range restart happened with these tiny weights; nothing to check")
     assert events[-1]["value"] == events[-1]["max"], f"progress ended at {events[-1]['value']}/{events[-1]['max']}"
+
+
+SOAK_RUNS, SOAK_BASELINE_RUN = 12, 4  # runs 1-3 warm up (model loads, allocator pools, first-use caches)
+SOAK_GROWTH_MB, SOAK_GROWTH_FRACTION = 150.0, 0.15
+
+
+@pytest.mark.skipif(not os.path.exists(DDPM_WORKFLOW), reason="workflows/ddpm_resample.json missing")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
+def test_soak_memory_stays_flat(server):
+    """A leak test, not a timing test: back-to-back runs with new seeds (ComfyUI's cache can't answer) must
+    not make the server grow; bench/soak_comfy.py is the long version (50 runs, table in the README)."""
+    import copy
+
+    from e2e.soak import soak
+
+    base = prepared(server, DDPM_WORKFLOW, image_name="soak_source.png")
+    sampler = sampler_ids(base)[0]
+
+    def make_prompt(i):
+        prompt = copy.deepcopy(base)
+        prompt[sampler]["inputs"]["seed"] = 5000 + i
+        return prompt
+
+    rows = soak(server, make_prompt, SOAK_RUNS)
+    assert [r.status for r in rows] == ["success"] * SOAK_RUNS, rows[-1].status
+    table = "\n".join(f"run {r.run:2d}: {r.rss_mb:7.1f} MB  {r.seconds:5.2f} s" for r in rows)
+    baseline, last = rows[SOAK_BASELINE_RUN - 1].rss_mb, rows[-1].rss_mb
+    limit = max(SOAK_GROWTH_MB, SOAK_GROWTH_FRACTION * baseline)
+    assert last - baseline <= limit, (f"server RSS grew {last - baseline:.0f} MB from run {SOAK_BASELINE_RUN} to run "
+                                      f"{SOAK_RUNS} (limit {limit:.0f} MB):\n{table}")

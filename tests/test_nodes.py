@@ -195,3 +195,22 @@ def test_blended_graph_keeps_background_and_ranks(pack):
         _run(GuidedSampler, ddpm=ddpm, image=image, guidance=chain,
              blend=_run(BackgroundBlend, mask=torch.zeros(1, 64, 64))[0], respacing="10", skip_timesteps=5,
              resample_steps=1)
+
+
+def test_color_match_node_moves_colours_to_the_reference(pack):
+    from diffuseit_pack.nodes.postprocess import ColorMatch
+    gen = torch.Generator().manual_seed(0)
+    image = 0.2 + 0.3 * torch.rand(2, 24, 40, 3, generator=gen)  # dark, low contrast
+    image[1, ..., 0] += 0.2  # the second image reddish: each image is matched on its own
+    reference = torch.stack([0.6 + 0.3 * torch.rand(50, 30, generator=gen), 0.3 + 0.1 * torch.rand(50, 30, generator=gen),
+                             0.5 + 0.4 * torch.rand(50, 30, generator=gen)], -1)[None]  # another size
+    (out,) = _run(ColorMatch, image=image, reference=torch.cat([reference, torch.zeros_like(reference)]))
+    assert out.shape == image.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    ref_mean, ref_std = reference.mean((0, 1, 2)), reference.std((0, 1, 2))
+    for b in range(2):
+        assert torch.allclose(out[b].mean((0, 1)), ref_mean, atol=0.01), b  # only the first reference image counts
+        assert torch.allclose(out[b].std((0, 1)), ref_std, atol=0.01), b
+        assert (image[b].mean((0, 1)) - ref_mean).abs().max() > 0.1  # it really moved
+    (same,) = _run(ColorMatch, image=reference, reference=reference)
+    assert torch.allclose(same, reference, atol=1e-4)  # matching an image to itself changes nothing
