@@ -75,6 +75,7 @@ from core.vit_losses import _CACHE_KEY, DINOStructureLoss, DINOStyleLoss, Semant
 CALLS_PER_IMAGE = {"diffuseit-text": 69, "diffuseit-image": 129, "blended": 75}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SOURCE_TEXT, TARGET_TEXT, BLEND_PROMPT = "Lion", "Black Leopard", "a red ball"
+TINY_SIZE = 64  # image side of --tiny runs (full size: the model's 256)
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,8 @@ def setup(method: str, recipe: Recipe, batch: int, *, steps: int, clip_models: O
     if recipe.channels_last:
         unet.to(memory_format=torch.channels_last)
     call = torch.compile(unet) if recipe.compile else unet
-    source = test_image(seed).to(dev).repeat(batch, 1, 1, 1)
+    size = TINY_SIZE if tiny else ddpm.image_size  # the UNet is convolutional: tiny runs use small images
+    source = test_image(seed, size).to(dev).repeat(batch, 1, 1, 1)
     diff_iter, blend = None, None
     clip_dtype = recipe.clip_dtype
     if clip_dtype == "auto":
@@ -322,7 +324,7 @@ def setup(method: str, recipe: Recipe, batch: int, *, steps: int, clip_models: O
             info["clip_models"] = list(names)
             terms = diffuseit_guidance(dino, settings, clip=clip, source_text=SOURCE_TEXT, target_text=TARGET_TEXT)
         else:
-            terms = diffuseit_guidance(dino, settings, style_image=test_image(seed + 1).to(dev))
+            terms = diffuseit_guidance(dino, settings, style_image=test_image(seed + 1, size).to(dev))
         schedule = ddpm.schedule(settings.respacing)
         options = replace(sampler_options(settings), resample_steps=max(steps, 1), range_restart_threshold=None)
     else:
@@ -332,8 +334,8 @@ def setup(method: str, recipe: Recipe, batch: int, *, steps: int, clip_models: O
             checkpoint_clip(clip)
         info["build_clip_s"] = secs
         info["clip_models"] = list(names[:1])
-        mask = torch.zeros(1, 1, 256, 256, device=dev)
-        mask[..., 64:192, 64:192] = 1
+        mask = torch.zeros(1, 1, size, size, device=dev)
+        mask[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
         terms = blended_guidance(clip[0], BLEND_PROMPT, None, n_cuts=ncuts)
         blend = BackgroundBlend(mask)
         schedule = ddpm.schedule("100")

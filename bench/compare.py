@@ -64,7 +64,11 @@ def run_one(argv: list[str], in_process: bool) -> dict:
         proc = subprocess.run([sys.executable, "-m", "bench.bench_guided", *argv, "--json", path], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"bench_guided {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
+            # a row that dies (e.g. killed by the kernel's OOM killer: return code -9) is reported, not fatal
+            why = "killed (SIGKILL: out of memory?)" if proc.returncode == -9 else f"exit code {proc.returncode}"
+            tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln][-3:]
+            print(f"  FAILED: {why} {' | '.join(tail)}", file=sys.stderr)
+            return {"failed": why, "argv": argv, "stderr_tail": tail}
         with open(path) as f:
             return json.loads(f.readline())
     finally:
@@ -84,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     ap.add_argument("--clip-models", default="")
     ap.add_argument("--ablate", action="append", default=[], help="KEY=VALUE[;KEY=VALUE] fast-mode variant")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--no-plain", action="store_true", help="only the --ablate rows of the fast mode")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
@@ -102,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         if not args.skip_baseline:
             for batch in [int(b) for b in args.baseline_batches.split(",") if b]:
                 plan.append(bench_args(method, "baseline", "fp32", batch, args))
-        for dtype in dtypes:
+        for dtype in dtypes if not args.no_plain else ():
             for batch in batches:
                 plan.append(bench_args(method, "fast", dtype, batch, args))
         for ab in args.ablate:

@@ -127,20 +127,20 @@ def build_clip(names: Sequence[str] = DIFFUSEIT_CLIP, device: str = "cpu", tiny:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(100 + i)
             if tiny:
-                models.append(_tiny_clip(device, "resnet" if name.startswith("RN") else "vit"))
+                models.append(_tiny_clip(device, "resnet" if name.startswith("RN") else "vit", dtype))
             else:
                 models.append(load_clip(name, pretrained=None, device=device, dtype=dtype))
         seconds[name] = time.perf_counter() - t0
     return models, seconds
 
 
-def _tiny_clip(device: str, vision: str):
+def _tiny_clip(device: str, vision: str, dtype: torch.dtype = torch.float32):
     import open_clip
 
     from core.clip import ClipModel, tiny_open_clip_config
 
     cfg = tiny_open_clip_config(vision, image_size=32, embed_dim=16)
-    module = open_clip.CLIP(**cfg).to(device).eval().requires_grad_(False)
+    module = open_clip.CLIP(**cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
     return ClipModel(module, 32, name=f"tiny-{vision}")
 
 

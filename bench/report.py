@@ -90,6 +90,10 @@ def load(paths: Iterable[str]) -> list[dict]:
 
 
 def print_report(rows: Sequence[dict]) -> None:
+    failed = [r for r in rows if "failed" in r]
+    rows = [r for r in rows if "failed" not in r]
+    for r in failed:
+        print(f"failed: bench_guided {' '.join(r['argv'])}: {r['failed']}")
     if not rows:
         print("(no rows)")
         return
