@@ -92,7 +92,7 @@ class Recipe:
     compile: bool = False  # torch.compile the UNet
     grad_checkpoint: bool = False  # unet.gradient_checkpointing
     channels_last: bool = False  # UNet weights (and so activations) in channels_last
-    clip_checkpoint: bool = False  # bench-only prototype: activation checkpointing around each CLIP encode_image
+    clip_checkpoint: bool = False  # ClipModel.gradient_checkpointing on every CLIP model
 
     @property
     def pack_path(self) -> bool:
@@ -234,20 +234,10 @@ def test_image(seed: int, size: int = 256) -> torch.Tensor:
 
 
 def checkpoint_clip(models: Sequence[Any]) -> None:
-    """Recompute each CLIP tower's activations in the backward instead of keeping them (bench prototype of
-    a possible ``ClipModel(checkpoint=True)``): only one model's graph is alive at a time during the
-    backward, instead of every ensemble member's at once."""
-    from torch.utils.checkpoint import checkpoint
-
+    """The pack's CLIP memory option (Load CLIP node / ``--low-memory``): each tower recomputes its
+    activations in the backward, so only one ensemble member's graph is alive at a time."""
     for m in models:
-        encode = m.encode_image
-
-        def wrapped(pixels: torch.Tensor, _encode: Callable = encode) -> torch.Tensor:
-            if torch.is_grad_enabled() and pixels.requires_grad:
-                return checkpoint(_encode, pixels, use_reentrant=False)
-            return _encode(pixels)
-
-        m.encode_image = wrapped
+        m.gradient_checkpointing = True
 
 
 @dataclass

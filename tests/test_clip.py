@@ -92,6 +92,29 @@ def test_dtype_and_float32_embeddings(tmp_path):
     assert model.encode_image(x).dtype == torch.float32 and model.encode_text(["a lion"]).dtype == torch.float32
 
 
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_gradient_checkpointing_same_gradient_fewer_saved_tensors(tmp_path, vision):
+    model = load_clip(tiny_dir(tmp_path, vision), pretrained=None)
+    x = torch.rand(2, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        pixels = x.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            emb = model.encode_image(model.normalize(pixels))
+        (grad,) = torch.autograd.grad(emb.square().sum(), pixels)
+        return emb.detach(), grad, len(saved)
+
+    emb_plain, grad_plain, saved_plain = run()
+    model.gradient_checkpointing = True
+    emb_ckpt, grad_ckpt, saved_ckpt = run()
+    assert torch.equal(emb_ckpt, emb_plain)
+    assert torch.allclose(grad_ckpt, grad_plain, rtol=1e-5, atol=1e-7)
+    assert saved_ckpt * 4 < saved_plain, (saved_ckpt, saved_plain)  # the tower's activations are not kept
+    with torch.no_grad():  # no graph, nothing to checkpoint (no-grad attention may take a fused kernel)
+        assert torch.allclose(model.encode_image(model.normalize(x)), emb_plain, rtol=1e-5, atol=1e-6)
+
+
 def test_openai_torchscript_archive_is_read_without_running_it(tmp_path):
     folder = tiny_dir(tmp_path, "resnet")
     random = load_clip(folder, pretrained=None)

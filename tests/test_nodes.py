@@ -165,6 +165,28 @@ def test_diffuseit_text_and_image_graphs(pack):
         _run(g.CLIPDirectionalLossNode, clip=clip, source_text="Lion", target_text=" ")
 
 
+def test_gradient_checkpointing_inputs_change_memory_not_results(pack):
+    _, models = pack
+    _tiny_models_folder(models)
+    from diffuseit_pack.nodes import guidance as g
+    from diffuseit_pack.nodes.loaders import LoadCLIPGuidance, LoadDDPM
+    from diffuseit_pack.nodes.sampling import GuidedSampler
+    plain = _tiny_ddpm_node_output(models)
+    kw = load_json("guided_diffusion", "tiny_unet_config.json")["create_model_kwargs"]
+    (ckpt,) = _run(LoadDDPM, ckpt_name="tiny.safetensors", dtype="fp32", gradient_checkpointing=True,
+                   overrides=f"num_head_channels={kw['num_head_channels']}, image_size={kw['image_size']}")
+    assert ckpt.value.unet.gradient_checkpointing and not plain.value.unet.gradient_checkpointing
+    outs = []
+    for ddpm, flag in ((plain, False), (ckpt, True)):
+        (clip,) = _run(LoadCLIPGuidance, models="tiny-clip", dtype="fp32", gradient_checkpointing=flag)
+        assert all(m.gradient_checkpointing == flag for m in clip.value)
+        (chain,) = _run(g.CLIPDirectionalLossNode, clip=clip, source_text="Lion", target_text="Black Leopard", ncuts=2)
+        (chain,) = _run(g.RangeLossNode, weight=50.0, guidance=chain)
+        outs.append(_run(GuidedSampler, ddpm=ddpm, image=torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0)),
+                         guidance=chain, respacing="10", skip_timesteps=6, resample_steps=1, seed=3, samples=1)[0])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5), (outs[0] - outs[1]).abs().max()
+
+
 def test_blended_graph_keeps_background_and_ranks(pack):
     _, models = pack
     ddpm = _tiny_ddpm_node_output(models)
