@@ -66,7 +66,7 @@ from core.blended_losses import MaskedCLIPLoss, blended_guidance  # noqa: E402
 from core.clip_losses import CLIPDirectionalLoss, PreparedCLIPDirectional  # noqa: E402
 from core.diffuseit import PRESETS, diffuseit_guidance, sampler_options  # noqa: E402
 from core.guidance import StepContext, noise_mixed_input  # noqa: E402
-from core.guided import (GuidedSamplerOptions, _check_finite, guidance_gradient, guided_sample,  # noqa: E402
+from core.guided import (FiniteWatch, GuidedSamplerOptions, guidance_gradient, guided_sample,  # noqa: E402
                          program, renoise_one_step)
 from core.sampling import NoiseSource, ddpm_step, model_output  # noqa: E402
 from core.schedule import p_mean_variance, q_sample  # noqa: E402
@@ -438,7 +438,9 @@ class RowRun:
                                                b.options.clip_denoised)
         if mv0 is not None:
             mv = mv0
-        _check_finite(per_term, grad, i, t_index)
+        watch = FiniteWatch()
+        watch.record(per_term, grad, i, k)
+        watch.check()
         z = self.noise.randn(self.source.shape[1:], kind="step")
         nxt = ddpm_step(b.schedule, mv, self.x, t_index, z, grad)
         if self.blender is not None:

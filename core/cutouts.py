@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from kornia.geometry.transform import (get_affine_matrix2d, get_perspective_transform,
                                        warp_affine, warp_perspective)
 
+from .devices import to_device
+
 FAITHFUL_TRANSLATE: tuple[float, float] = (0.0, 0.1)
 
 
@@ -86,8 +88,7 @@ class AugmentParams:
         )
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "AugmentParams":
-        moved = {k: (v.to(device) if v.dtype == torch.bool else v.to(device=device, dtype=dtype))
-                 for k, v in self.__dict__.items()}
+        moved = {k: to_device(v if v.dtype == torch.bool else v.to(dtype), device) for k, v in self.__dict__.items()}
         return replace(self, **moved)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .guidance import StepContext
 from .sampling import NoiseSource, ddim_step, ddpm_step, model_output
+from .devices import to_device
 from .schedule import DiffusionSchedule, MeanVariance, extract, p_mean_variance, q_sample
 
 
@@ -114,27 +115,28 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
     if blender is not None and getattr(blender, "mask", None) is not None:
         state["blend_mask"] = blender.mask  # masked losses without a mask of their own follow the blend
 
-    def start(rows: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:
+    def start(rows: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:  # rows: CPU bool [B]
         eps = noise.randn(source.shape[1:], kind="start", rows=rows)
         fresh = q_sample(schedule, source, torch.full((batch,), top, device=device, dtype=torch.long), eps)
-        return fresh if x is None else torch.where(_rows(rows, x).bool(), fresh, x)
+        return fresh if x is None else torch.where(_rows(to_device(rows, device), x).bool(), fresh, x)
 
-    all_rows = torch.ones(batch, dtype=torch.bool, device=device)
-    x = start(all_rows, None)
+    x = start(torch.ones(batch, dtype=torch.bool), None)
     position = torch.zeros(batch, dtype=torch.long)  # index into `steps`, per row (rows restart alone)
     restarts = [0] * batch
     image = torch.zeros_like(source)
     total, i = len(steps), 0
     loss_log: dict = {}
-    while bool((position < len(steps)).any()):
-        active = position < len(steps)
-        t_index = torch.tensor([steps[min(p, len(steps) - 1)][0] for p in position.tolist()], device=device)
-        renoise = torch.tensor([p < len(steps) and steps[p][1] for p in position.tolist()], device=device)
+    finite = FiniteWatch()
+    while bool((position < len(steps)).any()):  # `position` lives on the CPU: no device sync
+        active_cpu = position < len(steps)
+        t_list = [steps[min(p, len(steps) - 1)][0] for p in position.tolist()]
+        renoise_list = [p < len(steps) and steps[p][1] for p in position.tolist()]
+        active, t_index = to_device(active_cpu, device), to_device(torch.tensor(t_list), device)
         ctx = StepContext(t_index=t_index, t=schedule.model_timesteps(t_index), x_t=x, schedule=schedule,
                           source=source, prev_x0=state.get("prev_x0"), step=i, extras=state)
         mv, grad, per_term = guidance_gradient(unet, schedule, x, t_index, prepared, ctx, active,
                                                options.clip_denoised, y, learn_sigma)
-        _check_finite(per_term, grad, i, t_index)
+        finite.record(per_term, grad, i, t_list[0])
         x_t = x
         z = noise.randn(source.shape[1:], kind="step")
         if options.sampler == "ddpm":
@@ -143,7 +145,8 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
             nxt, x0 = ddim_step(schedule, mv, x_t, t_index, z, options.eta, grad)
         if blender is not None:
             nxt = blender.after_step(nxt, t_index, noise, schedule)
-        if bool(renoise.any()):
+        if any(renoise_list):
+            renoise = to_device(torch.tensor(renoise_list), device)
             up = renoise_one_step(schedule, nxt, t_index, noise.randn(source.shape[1:], kind="resample"), options)
             nxt = torch.where(_rows(renoise, nxt).bool(), up, nxt)
         keep = _rows(active, x)
@@ -152,16 +155,20 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
         state["prev_x0"] = x0
         for name, value in per_term.items():
             loss_log.setdefault(name, []).append(value.detach())
-        position = position + active.long()
-        restart = _restart_rows(per_term, options, t_index, top, active, restarts)
+        position = position + active_cpu.long()
+        restart_armed = options.range_restart_threshold is not None and "range" in per_term
+        if restart_armed or i % FiniteWatch.every == FiniteWatch.every - 1:
+            finite.check()  # a restart decision reads the losses back anyway; otherwise every few steps
+        restart = _restart_rows(per_term, options, t_list, top, active_cpu, restarts) if restart_armed else None
         if restart is not None:
             x = start(restart, x)
-            position = torch.where(restart.cpu(), torch.zeros_like(position), position)
+            position = torch.where(restart, torch.zeros_like(position), position)
         total = i + 1 + int((len(steps) - position).clamp(min=0).max())  # grows only when a row restarts
         if callback is not None:
-            callback({"i": i, "total": total, "t_index": int(t_index[0]), "t": int(schedule.timestep_map[t_index[0]]),
+            callback({"i": i, "total": total, "t_index": t_list[0], "t": int(schedule.timestep_map[t_list[0]]),
                       "x": x, "predicted_x0": x0, "losses": per_term})
         i += 1
+    finite.check()
     if blender is not None:
         image = blender.finalize(image)
     return GuidedResult(images=image, samples=x, restarts=restarts, losses=loss_log)
@@ -196,28 +203,49 @@ def guidance_gradient(unet: torch.nn.Module, schedule: DiffusionSchedule, x: tor
     return MeanVariance(*(v.detach() for v in mv)), grad, {k: v.detach() for k, v in per_term.items()}
 
 
-def _check_finite(per_term: dict, grad: Optional[torch.Tensor], step: int, t_index: torch.Tensor) -> None:
-    # a single host sync per step; without it a NaN would silently wipe the image
-    flags = [torch.isfinite(v).all() for v in per_term.values()]
-    if grad is not None:
-        flags.append(torch.isfinite(grad).all())
-    if not flags or bool(torch.stack(flags).all()):
-        return
-    bad = [name for name, v in per_term.items() if not bool(torch.isfinite(v).all())]
-    what = f"loss term(s) {', '.join(bad)}" if bad else "the guidance gradient"
-    raise GuidanceError(f"{what} became NaN/inf at guided step {step} (respaced t={int(t_index[0])}). "
-                        "Lower that term's weight, use fp32, or check the inputs (an all-black or constant "
-                        "image can make normalised features undefined).")
+class FiniteWatch:
+    """Collects per-step "is every loss and the gradient finite" flags on the device and reads them
+    back every ``every`` steps (and at the end), so the step loop does not wait for the GPU each step.
+
+    A NaN is still reported with the first guided step and the term it appeared in; at most ``every``
+    steps run on after it.
+    """
+
+    every = 8
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def record(self, per_term: dict, grad: Optional[torch.Tensor], step: int, t_index: int) -> None:
+        flags = [torch.isfinite(v).all() for v in per_term.values()]
+        if grad is not None:
+            flags.append(torch.isfinite(grad).all())
+        if flags:
+            self.pending.append((step, t_index, list(per_term), torch.stack(flags)))
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        ok = torch.stack([flags.all() for *_, flags in pending]).cpu()  # the one host sync
+        if bool(ok.all()):
+            return
+        step, t_index, names, flags = pending[int((~ok).nonzero()[0])]
+        flags = flags.cpu().tolist()
+        bad = [name for name, good in zip(names, flags) if not good]
+        what = f"loss term(s) {', '.join(bad)}" if bad else "the guidance gradient"
+        raise GuidanceError(f"{what} became NaN/inf at guided step {step} (respaced t={t_index}). "
+                            "Lower that term's weight, use fp32, or check the inputs (an all-black or constant "
+                            "image can make normalised features undefined).")
 
 
-def _restart_rows(per_term: dict, options: GuidedSamplerOptions, t_index: torch.Tensor, top: int,
+def _restart_rows(per_term: dict, options: GuidedSamplerOptions, t_list: list, top: int,
                   active: torch.Tensor, restarts: list) -> Optional[torch.Tensor]:
-    """DiffuseIT's range restart (spec 3.6): below the top step, a row whose range loss is too large starts over."""
-    if options.range_restart_threshold is None or "range" not in per_term:
-        return None
-    over = (per_term["range"].detach() > options.range_restart_threshold) & (t_index < top) & active.to(t_index.device)
-    allowed = torch.tensor([n < options.max_restarts for n in restarts], device=over.device)
-    over = over & allowed
+    """DiffuseIT's range restart (spec 3.6): below the top step, a row whose range loss is too large starts
+    over. Returns the rows to restart as a CPU bool tensor, or None."""
+    range_loss = per_term["range"].detach().cpu()  # the decision needs the values on the host
+    over = (range_loss > options.range_restart_threshold) & (torch.tensor(t_list) < top) & active
+    over &= torch.tensor([n < options.max_restarts for n in restarts])
     if not bool(over.any()):
         return None
     for b in over.nonzero().flatten().tolist():

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from .devices import to_device
 from .schedule import (DiffusionSchedule, MeanVariance, eps_from_x0, extract, p_mean_variance,
                        predict_x0_from_eps, q_sample)
 
@@ -76,7 +77,7 @@ class NoiseSource:
         wanted = [True] * len(self.generators) if rows is None else [bool(r) for r in rows.tolist()]
         draws = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) if w else torch.zeros(tuple(shape))
                  for g, w in zip(self.generators, wanted)]
-        return torch.stack(draws).to(self.device)
+        return to_device(torch.stack(draws), self.device)
 
 
 def timesteps_to_run(schedule: DiffusionSchedule, skip_timesteps: int = 0) -> list[int]:

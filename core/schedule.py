@@ -9,6 +9,7 @@ Indices passed to these functions are *respaced* indices (0..N-1); the UNet itse
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence, Union
 
@@ -145,12 +146,32 @@ class DiffusionSchedule:
 
     def model_timesteps(self, t_index: torch.Tensor) -> torch.Tensor:
         """Original timesteps (what the UNet is called with) for respaced indices."""
-        return self.timestep_map.to(t_index.device)[t_index]
+        return on_device(self.timestep_map, t_index.device)[t_index]
+
+
+# Device copies of the schedule's CPU arrays, made once: a blocking host-to-device copy per lookup would
+# make the host wait for all queued GPU work ~10 times per step.
+# Keyed by id (tensors compare element-wise, so they cannot be weak dict keys); an entry goes with its array.
+_DEVICE_COPIES: dict[int, dict] = {}
+
+
+def on_device(array: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``array`` on ``device``, copied at most once per (array, device)."""
+    if array.device == device:
+        return array
+    key = id(array)
+    copies = _DEVICE_COPIES.get(key)
+    if copies is None:
+        copies = _DEVICE_COPIES[key] = {}
+        weakref.finalize(array, _DEVICE_COPIES.pop, key, None)
+    if device not in copies:
+        copies[device] = array.to(device)
+    return copies[device]
 
 
 def extract(array: torch.Tensor, t_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Look up float64 coefficients at ``t_index``, cast to float32, broadcastable to ``like``."""
-    values = array.to(t_index.device)[t_index].to(torch.float32)
+    values = on_device(array, t_index.device)[t_index].to(torch.float32)
     return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.device)
 
 

@@ -111,6 +111,49 @@ def test_nan_guidance_names_the_term_and_step(unet):
 
 
 @dataclass(frozen=True)
+class PoisonFrom:
+    """Finite until guided step ``step``, NaN for row ``row`` from then on."""
+    step: int
+    row: int = 1
+    name: str = "late_poison"
+
+    def prepare(self, source):
+        return self
+
+    def __call__(self, x0, ctx):
+        loss = x0.flatten(1).square().mean(1)
+        if ctx.step >= self.step:
+            loss = loss * torch.tensor([float("nan") if b == self.row else 1.0 for b in range(len(loss))])
+        return loss
+
+
+def test_late_nan_is_reported_with_its_step_within_the_check_interval(unet):
+    from core.guided import FiniteWatch
+    sched = DiffusionSchedule.create(1000, "linear", "30")
+    options, seen = GuidedSamplerOptions(skip_timesteps=5), []
+    t5 = program(sched, options)[5][0]
+    with pytest.raises(GuidanceError, match=rf"late_poison became NaN/inf at guided step 5 \(respaced t={t5}\)"):
+        guided_sample(unet, sched, torch.zeros(2, 3, 32, 32), [PoisonFrom(5)], seed=0, options=options,
+                      callback=lambda d: seen.append(d["i"]))
+    assert 5 <= max(seen) < 5 + FiniteWatch.every  # stopped at the next read-back, not at the end
+
+
+def test_schedule_arrays_are_copied_to_a_device_once():
+    import gc
+
+    from core.schedule import _DEVICE_COPIES, on_device
+    sched = DiffusionSchedule.create(1000, "linear", "10")
+    meta = torch.device("meta")
+    first = on_device(sched.betas, meta)
+    assert first.device == meta and first.shape == sched.betas.shape
+    assert on_device(sched.betas, meta) is first and on_device(sched.betas, sched.betas.device) is sched.betas
+    key = id(sched.betas)
+    del sched, first
+    gc.collect()
+    assert key not in _DEVICE_COPIES  # the copies go with their schedule
+
+
+@dataclass(frozen=True)
 class AlwaysOutOfRange:
     name: str = "range"
 
