@@ -15,3 +15,5 @@ $PY -m bench.compare --methods diffuseit-text --clip-models ViT-B-32 --batches 1
 # DiffuseIT text with upstream's full CLIP ensemble: without checkpointing the CLIP towers it does not fit
 $PY -m bench.compare --methods diffuseit-text --batches 1 --dtypes fp32 --ablate clip_checkpoint=1 \
     --steps 1 --warmup 1 --threads 1 --clock cpu --repeat 1 --skip-baseline --out "$OUT" --no-plain
+# torch.compile of the UNet (inductor), one ingredient on top of the fast path
+$PY -m bench.compare --methods diffuseit-image --batches 1 --dtypes fp32 --ablate compile=1 --no-plain "${common[@]}"
