@@ -64,7 +64,7 @@ def background_at_level(source: torch.Tensor, schedule: DiffusionSchedule, t_ind
         return q_sample(schedule, source, t, noise)
     noised = q_sample(schedule, source, (t - 1).clamp(min=0), noise)
     clean = (t == 0).view(-1, 1, 1, 1)
-    return torch.where(clean, source, noised) if bool(clean.any()) else noised
+    return torch.where(clean, source, noised)  # no `if clean.any()`: that would wait for the GPU every step
 
 
 def blend_background(sample: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,

@@ -146,20 +146,24 @@ def apply_augmentations(images: torch.Tensor, params: AugmentParams) -> torch.Te
     if images.shape[0] == 0:
         return images
     n, _, h, w = images.shape
-    p = params.to(images.device, images.dtype)
-    eye = torch.eye(3, device=images.device, dtype=images.dtype).expand(n, 3, 3)
+    # the 3x3 matrices are built where the parameters were drawn (the CPU): kornia's perspective solve
+    # would otherwise make the host wait for the GPU; only the matrices and gates travel
+    home = params.translations.device
+    p = params.to(home, images.dtype)
+    eye = torch.eye(3, device=home, dtype=images.dtype).expand(n, 3, 3)
     affine = get_affine_matrix2d(p.translations, p.center, p.scale, p.angle,
                                  p.shear_x * (torch.pi / 180.0), p.shear_y * (torch.pi / 180.0))
-    gate = p.affine_applied.view(-1, 1, 1)
-    affine = torch.where(gate, affine, eye)
+    affine = to_device(torch.where(p.affine_applied.view(-1, 1, 1), affine, eye), images.device)
+    persp = to_device(torch.where(p.perspective_applied.view(-1, 1, 1),
+                                  get_perspective_transform(p.start_points, p.end_points), eye), images.device)
+    affine_applied = to_device(p.affine_applied, images.device).view(-1, 1, 1, 1)
+    perspective_applied = to_device(p.perspective_applied, images.device).view(-1, 1, 1, 1)
+
     warped = warp_affine(images, affine[:, :2, :], (h, w), "bilinear", padding_mode="border",
                          align_corners=False)
-    out = torch.where(p.affine_applied.view(-1, 1, 1, 1), warped, images)
-
-    persp = torch.where(p.perspective_applied.view(-1, 1, 1),
-                        get_perspective_transform(p.start_points, p.end_points), eye)
+    out = torch.where(affine_applied, warped, images)
     warped = warp_perspective(out, persp, (h, w), mode="bilinear", align_corners=False)
-    return torch.where(p.perspective_applied.view(-1, 1, 1, 1), warped, out)
+    return torch.where(perspective_applied, warped, out)
 
 
 def make_cutouts(images: torch.Tensor, cut_size: int, settings: AugmentSettings = AugmentSettings(),
