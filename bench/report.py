@@ -23,7 +23,7 @@ def label(r: dict) -> str:
     """mode, plus the recipe keys that differ from that mode's defaults (dtype shown in its own column)."""
     base = bg.MODES[r["mode"]]
     diff = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in r["recipe"].items()
-            if hasattr(base, k) and getattr(base, k) != v and k not in ("dtype", "clip_dtype")]
+            if hasattr(base, k) and getattr(base, k) != v and k != "dtype" and not (k == "clip_dtype" and v == "auto")]
     return r["mode"] + (f" + {', '.join(diff)}" if diff else "")
 
 
