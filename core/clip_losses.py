@@ -124,7 +124,9 @@ def sample_cut_params(height: int, width: int, generator: Optional[torch.Generat
 
 def apply_cut(x01: torch.Tensor, params: CutParams, size: int) -> torch.Tensor:
     """One cut of a CHW [0, 1] image: rotate (nearest, fill 0, no expand), resized crop (bilinear, no antialias), flip."""
-    x = TF.rotate(x01, params.angle, TF.InterpolationMode.NEAREST, expand=False, fill=[0.0])
+    # fill=None is upstream's fill=0 exactly (zero padding; nearest never mixes in the border), without
+    # torchvision's boolean-mask fill, whose indexing makes the host wait for the GPU at every cut
+    x = TF.rotate(x01, params.angle, TF.InterpolationMode.NEAREST, expand=False, fill=None)
     x = TF.resized_crop(x, params.top, params.left, params.height, params.width, [size, size],
                         TF.InterpolationMode.BILINEAR, antialias=False)
     return x.flip(-1) if params.flip else x
