@@ -17,3 +17,5 @@ $PY -m bench.compare --methods diffuseit-text --batches 1 --dtypes fp32 --ablate
     --steps 1 --warmup 1 --threads 1 --clock cpu --repeat 1 --skip-baseline --out "$OUT" --no-plain
 # torch.compile of the UNet (inductor), one ingredient on top of the fast path
 $PY -m bench.compare --methods diffuseit-image --batches 1 --dtypes fp32 --ablate compile=1 --no-plain "${common[@]}"
+# batch 1 / 4 / 8 within 24 GiB: bf16 body + UNet gradient checkpointing
+$PY -m bench.compare --methods blended --batches 1,4,8 --dtypes bf16 --grad-checkpoint "${common[@]}"
