@@ -39,13 +39,9 @@ Works on CUDA (``--device auto`` picks it; timers synchronise, memory is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -60,17 +56,17 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench import models as bm  # noqa: E402
-from core import unet as unet_mod  # noqa: E402
+from bench.baseline import RowRun, _is_clip, _is_dino, attention_patch, recipe_steps  # noqa: E402
+from bench.measure import (CLOCK, CLOCKS, Timer, cpu_name, cpu_snapshot, load_average,  # noqa: E402
+                           others_cpu_share, sync)
 from core.blended import BackgroundBlend  # noqa: E402
-from core.blended_losses import MaskedCLIPLoss, blended_guidance  # noqa: E402
-from core.clip_losses import CLIPDirectionalLoss, PreparedCLIPDirectional  # noqa: E402
+from core.blended_losses import blended_guidance  # noqa: E402
+from core.clip_losses import PreparedCLIPDirectional  # noqa: E402
 from core.diffuseit import PRESETS, diffuseit_guidance, sampler_options  # noqa: E402
-from core.guidance import StepContext, noise_mixed_input  # noqa: E402
-from core.guided import (FiniteWatch, GuidedSamplerOptions, guidance_gradient, guided_sample,  # noqa: E402
-                         program, renoise_one_step)
-from core.sampling import NoiseSource, ddpm_step, model_output  # noqa: E402
-from core.schedule import p_mean_variance, q_sample  # noqa: E402
-from core.vit_losses import _CACHE_KEY, DINOStructureLoss, DINOStyleLoss, SemanticDivergence  # noqa: E402
+from core.guided import GuidedSamplerOptions, guided_sample, program  # noqa: E402
+from core.sampling import model_output  # noqa: E402
+from core.schedule import p_mean_variance  # noqa: E402
+from core.vit_losses import _CACHE_KEY  # noqa: E402
 
 CALLS_PER_IMAGE = {"diffuseit-text": 69, "diffuseit-image": 129, "blended": 75}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -123,104 +119,6 @@ def parse_set(recipe: Recipe, items: Sequence[str]) -> Recipe:
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-CLOCK = {"name": "wall"}  # set by run(); "cpu" = this process's CPU time (robust on a shared, busy machine)
-
-
-def clock() -> float:
-    return CLOCKS[CLOCK["name"]]()
-
-
-class Timer:
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    @contextlib.contextmanager
-    def __call__(self, out: list):
-        sync(self.device)
-        t0 = clock()
-        yield
-        sync(self.device)
-        out.append(clock() - t0)
-
-
-def legacy_attention_forward(self: unet_mod.AttentionBlock, x: torch.Tensor, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """guided-diffusion's QKVAttentionLegacy: q, k scaled by d^-1/4, einsum, softmax in fp32, einsum."""
-    b, c, *spatial = x.shape
-    flat = x.reshape(b, c, -1)
-    qkv = self.qkv(self.norm(flat))
-    heads, d, length = self.num_heads, c // self.num_heads, flat.shape[-1]
-    if self.new_order:
-        q, k, v = qkv.reshape(b, 3, heads, d, length).unbind(1)
-    else:
-        q, k, v = qkv.reshape(b, heads, 3, d, length).unbind(2)
-    q, k, v = (z.reshape(b * heads, d, length) for z in (q, k, v))
-    scale = 1 / math.sqrt(math.sqrt(d))
-    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-    a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, length)
-    return (flat + self.proj_out(a)).reshape(b, c, *spatial)
-
-
-@contextlib.contextmanager
-def attention_patch(sdpa: bool):
-    """Swap core.unet.AttentionBlock.forward for the legacy explicit attention (bench process only)."""
-    if sdpa:
-        yield
-        return
-    original = unet_mod.AttentionBlock.forward
-    unet_mod.AttentionBlock.forward = legacy_attention_forward
-    try:
-        yield
-    finally:
-        unet_mod.AttentionBlock.forward = original
-
-
-def cpu_snapshot() -> tuple[float, float, float]:
-    """(wall s, machine busy CPU-s from /proc/stat, this process's CPU-s) for the contention figure."""
-    busy = float("nan")
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-        busy = (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        pass
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return time.perf_counter(), busy, ru.ru_utime + ru.ru_stime
-
-
-def others_cpu_share(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
-    """Fraction of the machine's CPU capacity used by *other* processes between two snapshots."""
-    wall = end[0] - start[0]
-    cores = os.cpu_count() or 1
-    others = (end[1] - start[1]) - (end[2] - start[2])
-    return max(0.0, others) / (wall * cores) if wall > 0 else float("nan")
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def test_image(seed: int, size: int = 256) -> torch.Tensor:
@@ -341,131 +239,6 @@ def setup(method: str, recipe: Recipe, batch: int, *, steps: int, clip_models: O
                     b.prepare(term, source[:size])
     info["clip_prepare_s"] = time.perf_counter() - t0
     return b
-
-
-# ------------------------------------------------------------------ the official step structure
-
-
-class _Isolated:
-    """A prepared term that runs its own DINO forward (clears the shared-feature cache first)."""
-
-    def __init__(self, inner: Any, name: str, gate: Optional[int] = None):
-        self.inner, self.name, self.gate = inner, name, gate
-
-    def __call__(self, predicted_x0: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if self.gate is not None and not bool((ctx.t_index > self.gate).any()):
-            # upstream's use_dir = t > diff_iter: no forward at all when the term is off
-            return predicted_x0.new_zeros(predicted_x0.shape[0])
-        ctx.extras.pop(_CACHE_KEY, None)
-        return self.inner(predicted_x0, ctx)
-
-    def before_step(self, ctx: StepContext) -> None:
-        if hasattr(self.inner, "before_step"):
-            self.inner.before_step(ctx)
-
-
-def _is_dino(term: Any) -> bool:
-    return isinstance(term, (DINOStructureLoss, DINOStyleLoss, SemanticDivergence))
-
-
-def _is_clip(term: Any) -> bool:
-    return isinstance(term, (CLIPDirectionalLoss, MaskedCLIPLoss))
-
-
-class RowRun:
-    """One group of rows (all rows, or a single row when serial) run through the guided steps."""
-
-    def __init__(self, b: Bench, rows: list[int], seed: int):
-        self.b, self.rows = b, rows
-        self.source = b.source[rows]
-        n = len(rows)
-        self.noise = NoiseSource(seed + rows[0], n, b.device)
-        self.state: dict = {"generator": [torch.Generator("cpu").manual_seed((seed + r + 7919) % 2 ** 64) for r in rows]}
-        self.state["cutout_generator"] = self.state["generator"]
-        self.blender = b.blend.prepare(self.source) if b.blend is not None else None
-        if self.blender is not None:
-            self.state["blend_mask"] = self.blender.mask
-        rec = b.recipe
-        # terms prepared once per run: everything in the fast path; CLIP / range / divergence in the baseline
-        self.persistent = {}
-        for i, term in enumerate(b.terms):
-            if not (rec.recompute_source and isinstance(term, (DINOStructureLoss, DINOStyleLoss))):
-                self.persistent[i] = b.prepare(term, self.source)
-        if rec.recompute_source:
-            self.state["prev_vit_input"] = self.source  # upstream: prev = x_src at the first call
-        top = program(b.schedule, b.options)[0][0]
-        self.x = q_sample(b.schedule, self.source, torch.full((n,), top, device=b.device, dtype=torch.long),
-                          self.noise.randn(self.source.shape[1:], kind="start"))
-
-    def prepared_for_step(self, only: Optional[Callable[[Any], bool]] = None) -> list:
-        """This step's prepared terms. Baseline: DINO structure / style prepared now (source and style
-        features recomputed), structure split into its two halves, every DINO term on its own forward."""
-        rec, out = self.b.recipe, []
-        for i, term in enumerate(self.b.terms):
-            if only is not None and not only(term):
-                continue
-            if not rec.recompute_source:
-                out.append(self.persistent[i])
-            elif isinstance(term, DINOStructureLoss):
-                halves = (("dino_ssim", replace(term, lambda_contra=0.0)), ("dino_contra", replace(term, lambda_ssim=0.0)))
-                out.extend(_Isolated(half.prepare(self.source), name) for name, half in halves)
-            elif isinstance(term, DINOStyleLoss):
-                out.append(_Isolated(term.prepare(self.source), term.name))
-            elif isinstance(term, SemanticDivergence):
-                out.append(_Isolated(self.persistent[i], term.name, gate=term.diff_iter))
-            else:
-                out.append(self.persistent[i])
-        return out
-
-    def context(self, t_index: torch.Tensor, x_t: torch.Tensor, step: int, extras: Optional[dict] = None) -> StepContext:
-        b = self.b
-        return StepContext(t_index=t_index, t=b.schedule.model_timesteps(t_index), x_t=x_t, schedule=b.schedule,
-                           source=self.source, prev_x0=self.state.get("prev_x0"), step=step,
-                           extras=self.state if extras is None else extras)
-
-    def step(self, i: int, k: int, renoise: bool) -> dict:
-        b, rec = self.b, self.b.recipe
-        n = len(self.rows)
-        t_index = torch.full((n,), k, device=b.device, dtype=torch.long)
-        ctx = self.context(t_index, self.x, i)
-        prepared = self.prepared_for_step()
-        mv0 = None
-        if rec.two_forwards:  # upstream p_sample: the step's own no-grad UNet call
-            with torch.no_grad():
-                out = model_output(b.unet, self.x, t_index, b.schedule).float()
-                mv0 = p_mean_variance(b.schedule, out, self.x, t_index, b.options.clip_denoised)
-        mv, grad, per_term = guidance_gradient(b.unet, b.schedule, self.x, t_index, prepared, ctx, None,
-                                               b.options.clip_denoised)
-        if mv0 is not None:
-            mv = mv0
-        watch = FiniteWatch()
-        watch.record(per_term, grad, i, k)
-        watch.check()
-        z = self.noise.randn(self.source.shape[1:], kind="step")
-        nxt = ddpm_step(b.schedule, mv, self.x, t_index, z, grad)
-        if self.blender is not None:
-            nxt = self.blender.after_step(nxt, t_index, self.noise, b.schedule)
-        if renoise:
-            nxt = renoise_one_step(b.schedule, nxt, t_index, self.noise.randn(self.source.shape[1:], kind="resample"),
-                                   b.options)
-        self.state["prev_x0"] = mv.pred_xstart
-        if rec.recompute_source:  # upstream: prev <- x_in after every call
-            self.state["prev_vit_input"] = noise_mixed_input(mv.pred_xstart, replace(ctx, x_t=self.x)).detach()
-        self.x = nxt
-        return {"mean": mv.mean, "grad": grad, "losses": per_term}
-
-
-def recipe_steps(b: Bench, n_steps: int, on_step: Callable[[int], None], seed: int = 0) -> list[RowRun]:
-    """n_steps guided steps of the program's top, interleaving the row groups within each step."""
-    batch = b.source.shape[0]
-    groups = [[r] for r in range(batch)] if b.recipe.serial else [list(range(batch))]
-    runs = [RowRun(b, rows, seed) for rows in groups]
-    on_step(-1)  # set-up (start noise, prepared terms) done
-    for i, (k, renoise) in enumerate(program(b.schedule, b.options)[:n_steps]):
-        for run in runs:
-            run.step(i, k, renoise)
-        on_step(i)
-    return runs
 
 
 class _Stop(Exception):
