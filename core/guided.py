@@ -156,7 +156,11 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
         for name, value in per_term.items():
             loss_log.setdefault(name, []).append(value.detach())
         position = position + active_cpu.long()
-        restart_armed = options.range_restart_threshold is not None and "range" in per_term
+        # only read the range loss back when some row could restart: not during the resampling repeats
+        # at the top step, and never again once every row has used its restarts
+        restart_armed = (options.range_restart_threshold is not None and "range" in per_term
+                         and any(t < top and a and n < options.max_restarts
+                                 for t, a, n in zip(t_list, active_cpu.tolist(), restarts)))
         if restart_armed or i % FiniteWatch.every == FiniteWatch.every - 1:
             finite.check()  # a restart decision reads the losses back anyway; otherwise every few steps
         restart = _restart_rows(per_term, options, t_list, top, active_cpu, restarts) if restart_armed else None

@@ -66,3 +66,22 @@ def test_guided_loop_reads_back_only_every_few_steps(method, monkeypatch):
                       callback=callback)
     assert all(x.device == META and x.shape == b.source.shape for x in seen)
     assert reads == [FiniteWatch.every, FiniteWatch.every]  # the flags of steps 0-15, read back twice
+
+
+def test_range_restart_reads_back_only_while_a_row_could_restart(monkeypatch):
+    """With every row's restarts used up (max_restarts=0) the armed range restart never reads the loss back."""
+    reads = []
+    monkeypatch.setattr(FiniteWatch, "check", lambda self: reads.append(len(self.pending)) or self.pending.clear())
+    b = bg.setup("diffuseit-image", bg.MODES["fast"], 1, steps=1, tiny=True, device="cpu", ncuts=2)
+    to_meta(b)
+    options = dataclasses.replace(b.options, range_restart_threshold=0.01, max_restarts=0)
+    seen = []
+
+    def callback(info):
+        seen.append(info["i"])
+        if len(seen) == FiniteWatch.every + 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        guided_sample(b.ddpm.unet, b.schedule, b.source.to(META), b.terms, options=options, callback=callback)
+    assert reads == [FiniteWatch.every]
