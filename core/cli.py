@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import urllib.error
 import urllib.request
 from typing import Optional, Sequence
 
@@ -70,6 +71,10 @@ def default_device() -> str:
     return "cpu"
 
 
+class DownloadError(RuntimeError):
+    """A weights download failed (network, HTTP or disk); nothing partial is left behind."""
+
+
 def _fetch(url: str, target: str, force: bool) -> None:
     from tqdm.auto import tqdm
 
@@ -78,12 +83,19 @@ def _fetch(url: str, target: str, force: bool) -> None:
         return
     os.makedirs(os.path.dirname(target), exist_ok=True)
     partial = target + ".part"
-    with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
-        total = int(response.headers.get("Content-Length", 0)) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(target)) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
+    try:
+        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(target)) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as exc:  # offline, DNS, HTTP errors, a full disk
+        if os.path.exists(partial):
+            os.remove(partial)
+        reason = getattr(exc, "reason", None) or exc
+        raise DownloadError(f"could not download {url}: {reason}. Check the connection and run the command "
+                            f"again, or download the file by hand and save it as {target}") from None
     os.replace(partial, target)  # only a complete download takes the final name
     print(target)
 
@@ -299,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:  # bad input: say what and how to fix it, no traceback
+    except (FileNotFoundError, ValueError, DownloadError) as exc:  # say what and how to fix it, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,3 +72,38 @@ def test_pipelines_on_tiny_models(tmp_path):
     import numpy as np
     keep = np.asarray(mask) == 0
     assert (np.asarray(out)[keep] == np.asarray(src)[keep]).all()  # outside the mask: the photo, unchanged
+
+
+def test_failed_download_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Offline (or any network/HTTP error): exit code 2, the URL and where to put the file by hand; no partial file."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from core import cli
+
+    class HalfDownload:
+        headers = {"Content-Length": "100"}
+        chunks = [b"x" * 10]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, n):
+            if self.chunks:
+                return self.chunks.pop()
+            raise urllib.error.URLError("connection reset")
+
+    name = "256x256_diffusion_uncond.pt"
+    table = cli.known_downloads()
+    target = tmp_path / table[name][0] / name
+    for opener in (lambda url: (_ for _ in ()).throw(urllib.error.URLError("Name or service not known")),
+                   lambda url: HalfDownload()):
+        monkeypatch.setattr(urllib.request, "urlopen", opener)
+        assert cli.main(["download", name, "--models", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert table[name][1] in err and str(target) in err and "Traceback" not in err
+        assert os.listdir(target.parent) == []  # neither the file nor a .part
