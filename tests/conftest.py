@@ -33,6 +33,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     assert excess <= 0, f"{what}: max |diff| {(actual - expected).abs().max().item():.3g} exceeds atol {atol:g} + rtol {rtol:g}|ref|"
 
 
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def float32_atol(reference: torch.Tensor, ulps: float) -> float:
+    """An absolute tolerance of `ulps` float32 epsilons at the reference's largest magnitude.
+
+    Sums and convolutions are reassociated differently by each CPU's kernels (AVX2 vs AVX-512,
+    thread count), so a float32 result is only defined up to a few epsilons of the largest value
+    that went into it; a fixed atol would fail on one CPU and pass on another.
+    """
+    return ulps * EPS32 * reference.detach().abs().max().item()
+
+
 # --- the official guided-diffusion reference (shared by the schedule, sampling and guided tests)
 
 @pytest.fixture(scope="session")
