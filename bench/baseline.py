@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from core import unet as unet_mod
-from core.blended_losses import MaskedCLIPLoss
-from core.clip_losses import CLIPDirectionalLoss
-from core.guidance import StepContext, noise_mixed_input
-from core.guided import FiniteWatch, guidance_gradient, program, renoise_one_step
-from core.sampling import NoiseSource, ddpm_step, model_output
-from core.schedule import p_mean_variance, q_sample
-from core.vit_losses import _CACHE_KEY, DINOStructureLoss, DINOStyleLoss, SemanticDivergence
+from core.diffusion import unet as unet_mod
+from core.blended.losses import MaskedCLIPLoss
+from core.diffuseit.clip_direction import CLIPDirectionalLoss
+from core.diffusion.guidance import StepContext, noise_mixed_input
+from core.diffusion.guided_loop import FiniteWatch, guidance_gradient, program, renoise_one_step
+from core.diffusion.sampling import NoiseSource, ddpm_step, model_output
+from core.diffusion.schedule import p_mean_variance, q_sample
+from core.diffuseit.dino_losses import _CACHE_KEY, DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
 if TYPE_CHECKING:
     from bench.bench_guided import Bench
@@ -49,7 +49,7 @@ def legacy_attention_forward(self: unet_mod.AttentionBlock, x: torch.Tensor, emb
 
 @contextlib.contextmanager
 def attention_patch(sdpa: bool):
-    """Swap core.unet.AttentionBlock.forward for the legacy explicit attention (bench process only)."""
+    """Swap core.diffusion.unet.AttentionBlock.forward for the legacy explicit attention (bench process only)."""
     if sdpa:
         yield
         return

@@ -15,7 +15,7 @@ one process per row). What is timed:
   forward + backward on a fixed x0. "other" = step - the phases the step runs (range loss,
   p_mean_variance, the DDPM update, noise draws, blend, finite check, Python).
 
-``--mode fast`` is the pack's code path: ``core.guided.guided_sample`` with the real terms (source
+``--mode fast`` is the pack's code path: ``core.diffusion.guided_loop.guided_sample`` with the real terms (source
 features prepared once, one DINO forward shared by the DINO terms, one differentiable UNet pass per
 step, the batch as a batch dimension), SDPA attention, the UNet body in ``--dtype`` through
 ``convert_body``; optional ``--compile``, ``--grad-checkpoint``, ``--channels-last``.
@@ -59,14 +59,14 @@ from bench import models as bm  # noqa: E402
 from bench.baseline import RowRun, _is_clip, _is_dino, attention_patch, recipe_steps  # noqa: E402
 from bench.measure import (CLOCK, CLOCKS, Timer, cpu_name, cpu_snapshot, load_average,  # noqa: E402
                            others_cpu_share, sync)
-from core.blended import BackgroundBlend  # noqa: E402
-from core.blended_losses import blended_guidance  # noqa: E402
-from core.clip_losses import PreparedCLIPDirectional  # noqa: E402
-from core.diffuseit import PRESETS, diffuseit_guidance, sampler_options  # noqa: E402
-from core.guided import GuidedSamplerOptions, guided_sample, program  # noqa: E402
-from core.sampling import model_output  # noqa: E402
-from core.schedule import p_mean_variance  # noqa: E402
-from core.vit_losses import _CACHE_KEY  # noqa: E402
+from core.blended.pipeline import BackgroundBlend  # noqa: E402
+from core.blended.losses import blended_guidance  # noqa: E402
+from core.diffuseit.clip_direction import PreparedCLIPDirectional  # noqa: E402
+from core.diffuseit.pipeline import PRESETS, diffuseit_guidance, sampler_options  # noqa: E402
+from core.diffusion.guided_loop import GuidedSamplerOptions, guided_sample, program  # noqa: E402
+from core.diffusion.sampling import model_output  # noqa: E402
+from core.diffusion.schedule import p_mean_variance  # noqa: E402
+from core.diffuseit.dino_losses import _CACHE_KEY  # noqa: E402
 
 CALLS_PER_IMAGE = {"diffuseit-text": 69, "diffuseit-image": 129, "blended": 75}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -92,7 +92,7 @@ class Recipe:
 
     @property
     def pack_path(self) -> bool:
-        """True when the step is exactly core.guided.guided_sample's (no official-structure ingredient)."""
+        """True when the step is exactly core.diffusion.guided_loop.guided_sample's (no official-structure ingredient)."""
         return not (self.two_forwards or self.recompute_source or self.serial)
 
 

@@ -4,9 +4,9 @@
   loader: a random state dict with exactly the shapes of ``tests/fixtures/guided_diffusion/
   unet256_uncond_manifest.json`` goes through ``core.load_ddpm`` (meta-device build, strict load,
   ``convert_body``), so the benchmark runs the same module the published file gives.
-* ``build_dino`` -- DINO ViT-B/8 (``vit_base_patch8_224``, 85.8 M) in ``core.dino.DINOExtractor``.
+* ``build_dino`` -- DINO ViT-B/8 (``vit_base_patch8_224``, 85.8 M) in ``core.encoders.dino.DINOExtractor``.
 * ``build_clip`` -- DiffuseIT's CLIP ensemble (RN50, RN50x4, ViT-B-32, RN50x16, ViT-B-16) or any
-  subset, through ``core.clip.load_clip(arch, pretrained=None)`` (open_clip's random init).
+  subset, through ``core.encoders.clip.load_clip(arch, pretrained=None)`` (open_clip's random init).
 
 Random weights: every weight tensor is N(0, 1/fan_in) (keeps activations O(1) through the
 residual stream), biases 0, norm scales 1; the output head is scaled by 0.1 as in
@@ -98,7 +98,7 @@ def build_unet(dtype: str = "fp32", device: str = "cpu", tiny: bool = False, see
 
 def build_dino(device: str = "cpu", tiny: bool = False, fused_attention: bool = False, seed: int = 1):
     """(DINOExtractor, seconds): ViT-B/8 (or core.tiny_models' tiny ViT) with random weights, frozen."""
-    from core.dino import DINOExtractor, DINOViTConfig, build_dino_vit
+    from core.encoders.dino import DINOExtractor, DINOViTConfig, build_dino_vit
     from core.tiny_models import TINY_DINO
 
     t0 = time.perf_counter()
@@ -117,9 +117,9 @@ def build_dino(device: str = "cpu", tiny: bool = False, fused_attention: bool = 
 
 def build_clip(names: Sequence[str] = DIFFUSEIT_CLIP, device: str = "cpu", tiny: bool = False,
                dtype: torch.dtype = torch.float32):
-    """(list of ClipModel, {name: seconds}). Random open_clip weights; ``tiny``: core.clip's tiny config
+    """(list of ClipModel, {name: seconds}). Random open_clip weights; ``tiny``: core.encoders.clip's tiny config
     (one per requested name, so ensemble sizes stay comparable)."""
-    from core.clip import load_clip
+    from core.encoders.clip import load_clip
 
     models, seconds = [], {}
     for i, name in enumerate(names):
@@ -137,7 +137,7 @@ def build_clip(names: Sequence[str] = DIFFUSEIT_CLIP, device: str = "cpu", tiny:
 def _tiny_clip(device: str, vision: str, dtype: torch.dtype = torch.float32):
     import open_clip
 
-    from core.clip import ClipModel, tiny_open_clip_config
+    from core.encoders.clip import ClipModel, tiny_open_clip_config
 
     cfg = tiny_open_clip_config(vision, image_size=32, embed_dim=16)
     module = open_clip.CLIP(**cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -6,9 +6,9 @@ so the package works both as ``core`` (from the repository root) and as
 ``comfyui_diffuseit.core`` (after ``pip install -e .``).
 """
 
-from .checkpoints import DDPM, CheckpointError, load_ddpm
-from .schedule import DiffusionSchedule, space_timesteps
-from .sampling import sample
+from .diffusion.checkpoints import DDPM, CheckpointError, load_ddpm
+from .diffusion.schedule import DiffusionSchedule, space_timesteps
+from .diffusion.sampling import sample
 
 __all__ = ["DDPM", "CheckpointError", "load_ddpm", "DiffusionSchedule", "space_timesteps", "sample"]
 __version__ = "0.1.0"

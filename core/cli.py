@@ -16,18 +16,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoints import PRESETS, download_url, load_ddpm, parse_flags
-from .images import load_image, load_image_pil, save_image
-from .sampling import sample
+from .diffusion.checkpoints import PRESETS, download_url, load_ddpm, parse_flags
+from .io import load_image, load_image_pil, save_image
+from .diffusion.sampling import sample
 
 MODELS = "models"
 
 
 def known_downloads() -> dict[str, tuple[str, str]]:
     """file name -> (models sub-folder, official URL) for every published file the pack can use."""
-    from .clip import expected_file
-    from .dino import DINO_ARCHS, dino_checkpoint_url
-    from .perceptual import VGG16_FILE, VGG16_URL
+    from .encoders.clip import expected_file
+    from .encoders.dino import DINO_ARCHS, dino_checkpoint_url
+    from .encoders.lpips import VGG16_FILE, VGG16_URL
 
     table = {name: ("guided_diffusion", download_url(name)) for name in PRESETS if download_url(name)}
     for arch, (_, stem) in DINO_ARCHS.items():
@@ -134,13 +134,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _dino(args: argparse.Namespace, device: str):
-    from .dino import load_dino_extractor
+    from .encoders.dino import load_dino_extractor
 
     return load_dino_extractor(args.dino, antialias=args.antialias, device=device)
 
 
 def _clip_models(args: argparse.Namespace, names: Sequence[str], device: str):
-    from .clip import ClipEnsemble, load_clip
+    from .encoders.clip import ClipEnsemble, load_clip
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     folder = os.path.join(args.models, "clip_guidance")
@@ -159,7 +159,7 @@ def _clip_models(args: argparse.Namespace, names: Sequence[str], device: str):
 
 
 def cmd_diffuseit_text(args: argparse.Namespace) -> int:
-    from .diffuseit import diffuseit_text
+    from .diffuseit.pipeline import diffuseit_text
 
     device = args.device or default_device()
     ddpm = _ddpm(args, device)
@@ -174,7 +174,7 @@ def cmd_diffuseit_text(args: argparse.Namespace) -> int:
 
 
 def cmd_diffuseit_image(args: argparse.Namespace) -> int:
-    from .diffuseit import diffuseit_image
+    from .diffuseit.pipeline import diffuseit_image
 
     device = args.device or default_device()
     ddpm = _ddpm(args, device)
@@ -188,7 +188,7 @@ def cmd_diffuseit_image(args: argparse.Namespace) -> int:
 
 
 def cmd_blended(args: argparse.Namespace) -> int:
-    from .blended import blended_edit
+    from .blended.pipeline import blended_edit
 
     device = args.device or default_device()
     ddpm = _ddpm(args, device)

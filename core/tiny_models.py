@@ -14,10 +14,10 @@ only the widths are tiny, so a whole workflow runs in seconds on a CPU. The weig
 * ``dino/dino_vitbase8_pretrain.pth`` -- an official-style DINO v1 backbone state dict (timm ViT
   keys, [CLS] token, qkv bias, patch 8, 224 px, 12 blocks so DiffuseIT's block-11 keys exist) with
   ``embed_dim=32``; its head count, which no shape shows, is in the sidecar
-  ``dino_vitbase8_pretrain_config.json`` that ``core.dino`` reads.
+  ``dino_vitbase8_pretrain_config.json`` that ``core.encoders.dino`` reads.
 * ``clip_guidance/tiny-clip-vit/`` -- an open_clip model folder (``open_clip_config.json`` with
-  ``core.clip.tiny_open_clip_config()`` + ``open_clip_model.safetensors``), loadable with
-  ``core.clip.load_clip(folder, pretrained=<folder>/open_clip_model.safetensors)``. OpenAI's
+  ``core.encoders.clip.tiny_open_clip_config()`` + ``open_clip_model.safetensors``), loadable with
+  ``core.encoders.clip.load_clip(folder, pretrained=<folder>/open_clip_model.safetensors)``. OpenAI's
   file names (``ViT-B-16.pt``) imply full-size architectures, so a tiny CLIP cannot take them.
 * ``lpips/vgg16-397923af.pth`` -- torchvision's VGG16 ``features.*`` keys (the only part LPIPS
   uses; no classifier). VGG16 has fixed shapes, so this one is full size (14.7 M parameters),
@@ -36,7 +36,7 @@ from typing import Iterator, Union
 
 import torch
 
-from .unet import UNetConfig, UNetModel
+from .diffusion.unet import UNetConfig, UNetModel
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -44,7 +44,7 @@ DDPM_FILE = "256x256_diffusion_uncond.pt"
 DINO_FILE = "dino_vitbase8_pretrain.pth"
 CLIP_FOLDER = "tiny-clip-vit"
 CLIP_WEIGHTS = "open_clip_model.safetensors"
-LPIPS_FILE = "vgg16-397923af.pth"  # core.perceptual.VGG16_FILE
+LPIPS_FILE = "vgg16-397923af.pth"  # core.encoders.lpips.VGG16_FILE
 # torchvision's vgg16 "D" configuration: conv widths, "M" = max pool (each conv is followed by a ReLU)
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -84,7 +84,7 @@ def write_tiny_ddpm(folder: PathLike, name: str = DDPM_FILE, seed: int = 0) -> P
 
 def tiny_dino_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
     """Random weights of a tiny DINO v1 ViT with the official checkpoint's keys (no head)."""
-    from .dino import DINOViTConfig, build_dino_vit
+    from .encoders.dino import DINOViTConfig, build_dino_vit
 
     cfg = DINOViTConfig(TINY_DINO["patch_size"], TINY_DINO["embed_dim"], TINY_DINO["depth"], TINY_DINO["num_heads"],
                         TINY_DINO["mlp_ratio"], True, TINY_DINO["img_size"])
@@ -106,7 +106,7 @@ def write_tiny_clip(folder: PathLike, name: str = CLIP_FOLDER, seed: int = 2) ->
     """An open_clip model folder with a tiny ViT CLIP; returns the weights file."""
     from safetensors.torch import save_file
 
-    from .clip import tiny_open_clip_config
+    from .encoders.clip import tiny_open_clip_config
 
     target = Path(folder) / name
     target.mkdir(parents=True, exist_ok=True)

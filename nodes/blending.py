@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..core.blended import BlendSpec
+from ..core.blended.pipeline import BlendSpec
 from .types import BlendType
 
 CATEGORY = "DiffuseIT-Blended/blended diffusion"

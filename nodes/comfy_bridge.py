@@ -81,7 +81,7 @@ def pick_unet_dtype(choice: str, device: torch.device, n_params: int) -> torch.d
     import comfy.model_management as mm
 
     if choice != "auto":
-        from ..core.checkpoints import DTYPES
+        from ..core.diffusion.checkpoints import DTYPES
         return DTYPES[choice]
     return mm.unet_dtype(device, n_params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..core.blended_losses import BackgroundPreservationLoss, MaskedCLIPLoss
-from ..core.clip_losses import CLIPDirectionalLoss
-from ..core.images import to_model
-from ..core.vit_losses import DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence
+from ..core.blended.losses import BackgroundPreservationLoss, MaskedCLIPLoss
+from ..core.diffuseit.clip_direction import CLIPDirectionalLoss
+from ..core.io import to_model
+from ..core.diffuseit.dino_losses import DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence
 from .types import CLIPType, DINOType, GuidanceType, LPIPSType, chain
 
 CATEGORY = "DiffuseIT-Blended/guidance"

@@ -7,10 +7,10 @@ import os
 import torch
 from comfy_api.latest import io
 
-from ..core.checkpoints import load_ddpm, parse_flags
-from ..core.clip import ClipEnsemble, expected_file, load_clip, resolve_architecture
-from ..core.dino import load_dino_extractor
-from ..core.perceptual import VGG16_FILE, load_lpips
+from ..core.diffusion.checkpoints import load_ddpm, parse_flags
+from ..core.encoders.clip import ClipEnsemble, expected_file, load_clip, resolve_architecture
+from ..core.encoders.dino import load_dino_extractor
+from ..core.encoders.lpips import VGG16_FILE, load_lpips
 from . import comfy_bridge as bridge
 from .types import CLIPType, DDPMType, DINOType, LPIPSType
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..core.diffuseit import match_colors
-from ..core.images import from_model, to_model
+from ..core.diffuseit.pipeline import match_colors
+from ..core.io import from_model, to_model
 
 CATEGORY = "DiffuseIT-Blended/sampling"
 

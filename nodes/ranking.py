@@ -7,9 +7,9 @@ import json
 import torch
 from comfy_api.latest import io
 
-from ..core.images import to_model
-from ..core.masks import prepare_mask
-from ..core.rank import rank_results
+from ..core.io import to_model
+from ..core.blended.masks import prepare_mask
+from ..core.blended.ranking import rank_results
 from . import comfy_bridge as bridge
 from .types import CLIPType
 

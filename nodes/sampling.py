@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..core.blended import blended_sample
-from ..core.guided import GuidedSamplerOptions, planned_steps, sample_many
-from ..core.images import from_model, resize_to_model, to_model
+from ..core.blended.pipeline import blended_sample
+from ..core.diffusion.guided_loop import GuidedSamplerOptions, planned_steps, sample_many
+from ..core.io import from_model, resize_to_model, to_model
 from . import comfy_bridge as bridge
 from .types import BlendType, DDPMType, GuidanceType
 

@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence
 import torch
 from safetensors.torch import load_file
 
-from core.guidance import StepContext
-from core.schedule import DiffusionSchedule, p_mean_variance
+from core.diffusion.guidance import StepContext
+from core.diffusion.schedule import DiffusionSchedule, p_mean_variance
 
 FIXTURES = Path(__file__).parent / "fixtures" / "blended_diffusion"
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bd_toys import fixture, fixture_json, guidance_gradient, seeded_lpips, toy_models
-from core import blend
-from core.blended_losses import blended_guidance
-from core.masks import mask_bbox
-from core.schedule import (DiffusionSchedule, eps_from_x0, extract, p_mean_variance,
+from core.blended import blending as blend
+from core.blended.losses import blended_guidance
+from core.blended.masks import mask_bbox
+from core.diffusion.schedule import (DiffusionSchedule, eps_from_x0, extract, p_mean_variance,
                            predict_x0_from_eps)
 
 BLEND = fixture("blend")

@@ -9,11 +9,11 @@ import torch
 
 from bd_toys import (fixture, fixture_json, guidance_gradient, prefixed, readme_relative_total_tolerance,
                      readme_tolerances, seeded_lpips, toy_models)
-from core import blended_losses as bl
-from core.cutouts import AugmentParams, AugmentSettings, make_cutouts, sample_augment_params
-from core.guidance import StepContext
-from core.schedule import DiffusionSchedule, p_mean_variance
-from core.vit_losses import range_loss
+from core.blended import losses as bl
+from core.blended.cutouts import AugmentParams, AugmentSettings, make_cutouts, sample_augment_params
+from core.diffusion.guidance import StepContext
+from core.diffusion.schedule import DiffusionSchedule, p_mean_variance
+from core.diffuseit.dino_losses import range_loss
 
 META = fixture_json()
 LOSSES = fixture("losses")

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from bd_toys import fixture, fixture_json, readme_tolerances
-from core import masks
+from core.blended import masks
 
 PRE = fixture("preprocess")
 META = fixture_json()["preprocess"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bd_toys import fixture, fixture_json, readme_tolerances, toy_models
-from core import rank
-from core.blend import enforce_background, to_uint8
-from core.blended_losses import clip_normalize, spherical_distance
+from core.blended import ranking as rank
+from core.blended.blending import enforce_background, to_uint8
+from core.blended.losses import clip_normalize, spherical_distance
 
 LOOP = fixture("loop")
 META = fixture_json()

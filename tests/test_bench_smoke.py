@@ -20,7 +20,7 @@ if ROOT not in sys.path:
 
 from bench import bench_guided as bg  # noqa: E402
 from bench import compare  # noqa: E402
-from core.guided import program  # noqa: E402
+from core.diffusion.guided_loop import program  # noqa: E402
 
 METHODS = ("diffuseit-text", "diffuseit-image", "blended")
 FP32_RTOL = 1e-4

@@ -10,12 +10,12 @@ import torch
 
 from bd_toys import fixture, fixture_json, seeded_lpips, toy_models
 from conftest import assert_close
-from core.blend import to_uint8
-from core.blended import BackgroundBlend
-from core.blended_losses import blended_guidance
-from core.guided import GuidedSamplerOptions, guided_sample
-from core.rank import rank_results, ranked_file_name
-from core.schedule import DiffusionSchedule
+from core.blended.blending import to_uint8
+from core.blended.pipeline import BackgroundBlend
+from core.blended.losses import blended_guidance
+from core.diffusion.guided_loop import GuidedSamplerOptions, guided_sample
+from core.blended.ranking import rank_results, ranked_file_name
+from core.diffusion.schedule import DiffusionSchedule
 
 LOOP = fixture("loop")
 META = fixture_json()["loop"]

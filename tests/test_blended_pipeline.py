@@ -7,10 +7,10 @@ import torch
 
 from conftest import assert_close, fixture_path, load_json
 from core import load_ddpm
-from core.blended import BlendSpec, blended_edit, blended_sample
-from core.blended_losses import blended_guidance
-from core.clip import load_clip, tiny_open_clip_config
-from core.guided import GuidedSamplerOptions
+from core.blended.pipeline import BlendSpec, blended_edit, blended_sample
+from core.blended.losses import blended_guidance
+from core.encoders.clip import load_clip, tiny_open_clip_config
+from core.diffusion.guided_loop import GuidedSamplerOptions
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path, load_json
 from core import CheckpointError, load_ddpm
-from core.checkpoints import MissingWeightsError, infer_unet_config
+from core.diffusion.checkpoints import MissingWeightsError, infer_unet_config
 
 GROUP = "guided_diffusion"
 

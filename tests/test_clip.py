@@ -1,7 +1,7 @@
-"""CLIP loading (core.clip): real tiny open_clip models through real files, safe archives, clear errors.
+"""CLIP loading (core.encoders.clip): real tiny open_clip models through real files, safe archives, clear errors.
 
 Pretrained weights cannot be downloaded here, so the models are tiny random open_clip
-architectures (core.clip.tiny_open_clip_config) saved in each supported format and loaded back
+architectures (core.encoders.clip.tiny_open_clip_config) saved in each supported format and loaded back
 strictly. OpenAI's TorchScript archives are imitated by tracing such a model with OpenAI's extra
 buffers and fp16 weights, the way OpenAI published theirs.
 """
@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import fixture_path, load_json
-from core.clip import (ClipEnsemble, ClipLoadError, ClipModel, MissingClipWeightsError, MODEL_FOLDER,
+from core.encoders.clip import (ClipEnsemble, ClipLoadError, ClipModel, MissingClipWeightsError, MODEL_FOLDER,
                        OPENAI_ARCHIVE_METADATA, load_clip, read_clip_weights, read_torchscript_weights,
                        resolve_architecture, tiny_open_clip_config)
-from core.clip_losses import template_prompts
+from core.diffuseit.clip_direction import template_prompts
 
 open_clip = pytest.importorskip("open_clip")
 GLUE_CFG = load_json("diffuseit", "fixtures.json")["clip_glue"]

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import assert_close, fixture_path, load_json
-from core.clip import ClipEnsemble, ClipModel
-from core.clip_losses import (CLIPDirectionalLoss, DROPPED_TEMPLATE, NUM_TEMPLATES, clip_loss, clip_text_loss,
+from core.encoders.clip import ClipEnsemble, ClipModel
+from core.diffuseit.clip_direction import (CLIPDirectionalLoss, DROPPED_TEMPLATE, NUM_TEMPLATES, clip_loss, clip_text_loss,
                               eval_preprocess, image_embedding, imagenet_templates, mean_unit_embedding,
                               random_cuts, sample_cut_params, template_prompts)
-from core.guidance import StepContext
-from core.schedule import DiffusionSchedule, linear_betas
+from core.diffusion.guidance import StepContext
+from core.diffusion.schedule import DiffusionSchedule, linear_betas
 
 GLUE = load_file(fixture_path("diffuseit", "clip_glue.safetensors"))
 CFG = load_json("diffuseit", "fixtures.json")["clip_glue"]

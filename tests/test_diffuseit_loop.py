@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from conftest import fixture_path
 from core import load_ddpm
-from core.diffuseit import DiffuseITSettings, diffuseit_guidance, sampler_options
-from core.dino import load_dino_extractor
-from core.guidance import StepContext
-from core.guided import guidance_gradient, guided_sample
-from core.sampling import ddpm_step
+from core.diffuseit.pipeline import DiffuseITSettings, diffuseit_guidance, sampler_options
+from core.encoders.dino import load_dino_extractor
+from core.diffusion.guidance import StepContext
+from core.diffusion.guided_loop import guidance_gradient, guided_sample
+from core.diffusion.sampling import ddpm_step
 from test_clip_losses import stub_ensemble
 
 GROUP = "diffuseit"

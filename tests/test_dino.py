@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from core.dino import (DINO_ARCHS, DINOCheckpointError, DINOCheckpointNotFoundError,
+from core.encoders.dino import (DINO_ARCHS, DINOCheckpointError, DINOCheckpointNotFoundError,
                        DINOExtractor, build_dino_vit, dino_checkpoint_url, infer_dino_config,
                        load_dino_extractor, load_dino_state_dict, load_dino_vit, resolve_arch)
 

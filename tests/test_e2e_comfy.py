@@ -49,7 +49,7 @@ def sampler_steps(inputs: dict, images: int = 1) -> int:
     batch; rows (images x samples) run in one batch, or in ceil(rows / chunk_size) batches."""
     import math
 
-    from core.schedule import DiffusionSchedule
+    from core.diffusion.schedule import DiffusionSchedule
 
     n = DiffusionSchedule.create(1000, "linear", inputs["respacing"]).num_timesteps
     rows, chunk = images * inputs.get("samples", 1), inputs.get("chunk_size", 0)

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_close, fixture_path, float32_atol
-from core.guidance import StepContext
-from core.guided import (GuidanceError, GuidedSamplerOptions, guidance_gradient, guided_sample, program,
+from core.diffusion.guidance import StepContext
+from core.diffusion.guided_loop import (GuidanceError, GuidedSamplerOptions, guidance_gradient, guided_sample, program,
                          renoise_one_step)
-from core.schedule import DiffusionSchedule
+from core.diffusion.schedule import DiffusionSchedule
 
 GROUP = "guided_diffusion"
 
@@ -128,7 +128,7 @@ class PoisonFrom:
 
 
 def test_late_nan_is_reported_with_its_step_within_the_check_interval(unet):
-    from core.guided import FiniteWatch
+    from core.diffusion.guided_loop import FiniteWatch
     sched = DiffusionSchedule.create(1000, "linear", "30")
     options, seen = GuidedSamplerOptions(skip_timesteps=5), []
     t5 = program(sched, options)[5][0]
@@ -141,7 +141,7 @@ def test_late_nan_is_reported_with_its_step_within_the_check_interval(unet):
 def test_schedule_arrays_are_copied_to_a_device_once():
     import gc
 
-    from core.schedule import _DEVICE_COPIES, on_device
+    from core.diffusion.schedule import _DEVICE_COPIES, on_device
     sched = DiffusionSchedule.create(1000, "linear", "10")
     meta = torch.device("meta")
     first = on_device(sched.betas, meta)
@@ -179,8 +179,8 @@ def test_range_restart_is_per_row_and_bounded(unet):
 
 def test_single_forward_equals_upstream_two_forward_step(ref, tensors, unet):
     """Upstream: a no-grad forward for the step plus a grad forward inside cond_fn. One pass gives both."""
-    from core.sampling import ddpm_step, model_output
-    from core.schedule import p_mean_variance
+    from core.diffusion.sampling import ddpm_step, model_output
+    from core.diffusion.schedule import p_mean_variance
     entry = ref["p_sample_cond"]
     sched = DiffusionSchedule.create(1000, "linear", entry["spacing"])
     x, ti, z = tensors["p_sample_cond.x_t"], tensors["p_sample_cond.t"], tensors["p_sample_cond.noise"]

@@ -3,7 +3,7 @@
 On the ``meta`` device tensors have shapes but no data, so every host read of a device value
 (``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()``, boolean-mask indexing, ``nonzero``) raises there.
 Running each method's whole guided loop on ``meta`` therefore finds every place that would make the
-host wait for a GPU each step; the only read-backs allowed are :class:`core.guided.FiniteWatch`'s,
+host wait for a GPU each step; the only read-backs allowed are :class:`core.diffusion.guided_loop.FiniteWatch`'s,
 every ``FiniteWatch.every`` steps (replaced here by a counter). DiffuseIT's range restart reads the
 range loss back by design and is off here. Host-side work on CPU tensors (generators, step indices)
 is unaffected.
@@ -21,8 +21,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench import bench_guided as bg  # noqa: E402
-from core.clip import ClipModel  # noqa: E402
-from core.guided import FiniteWatch, guided_sample, program  # noqa: E402
+from core.encoders.clip import ClipModel  # noqa: E402
+from core.diffusion.guided_loop import FiniteWatch, guided_sample, program  # noqa: E402
 
 META = torch.device("meta")
 

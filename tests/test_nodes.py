@@ -61,7 +61,7 @@ def test_load_ddpm_node(pack):
 
 def test_load_ddpm_node_missing_file_message(pack):
     from diffuseit_pack.nodes.loaders import LoadDDPM
-    from diffuseit_pack.core.checkpoints import MissingWeightsError
+    from diffuseit_pack.core.diffusion.checkpoints import MissingWeightsError
     with pytest.raises(MissingWeightsError, match="256x256_diffusion_uncond.pt"):
         LoadDDPM.execute(ckpt_name="256x256_diffusion_uncond.pt", dtype="fp32", overrides="")
     with pytest.raises(ValueError, match="name=value"):
@@ -115,7 +115,7 @@ def test_guided_sampler_cancel(pack):
 def _tiny_models_folder(models):
     """Tiny DINO (fixture, with its head-count sidecar) and a tiny open_clip folder in the pack's folders."""
     import json as _json
-    from core.clip import tiny_open_clip_config
+    from core.encoders.clip import tiny_open_clip_config
     dino = models / "dino"
     dino.mkdir(exist_ok=True)
     shutil.copy(fixture_path("diffuseit", "tiny_dino_vit.safetensors"), dino / "tiny_dino_vit.safetensors")
@@ -124,7 +124,7 @@ def _tiny_models_folder(models):
     clip.mkdir(parents=True, exist_ok=True)
     (clip / "open_clip_config.json").write_text(_json.dumps({"model_cfg": tiny_open_clip_config("vit")}))
     from safetensors.torch import save_file
-    from core.clip import load_clip
+    from core.encoders.clip import load_clip
     torch.manual_seed(0)
     tiny = load_clip(f"local-dir:{clip}", pretrained=None)
     save_file({k: v.contiguous() for k, v in tiny.module.state_dict().items()}, str(clip / "open_clip_model.safetensors"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import assert_close
 from core import sample
-from core.schedule import DiffusionSchedule
+from core.diffusion.schedule import DiffusionSchedule
 
 GROUP = "guided_diffusion"
 

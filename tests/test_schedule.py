@@ -3,8 +3,8 @@
 import pytest
 import torch
 from conftest import assert_close
-from core.sampling import ddim_step, ddpm_step, model_output
-from core.schedule import DiffusionSchedule, cosine_betas, p_mean_variance, q_sample, space_timesteps
+from core.diffusion.sampling import ddim_step, ddpm_step, model_output
+from core.diffusion.schedule import DiffusionSchedule, cosine_betas, p_mean_variance, q_sample, space_timesteps
 
 GROUP = "guided_diffusion"
 # README "Tolerances": float64 schedules are identical when recomputed in float64; allow last-bit noise only

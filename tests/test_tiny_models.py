@@ -2,7 +2,7 @@
 
 import torch
 
-from core.checkpoints import PRESETS, load_ddpm
+from core.diffusion.checkpoints import PRESETS, load_ddpm
 from core.tiny_models import DDPM_FILE, TINY_UNET, write_tiny_models
 
 
@@ -18,17 +18,17 @@ def test_tiny_models_load_like_the_real_ones(tmp_path):
         out = ddpm.unet(torch.zeros(1, 3, 64, 64), torch.tensor([10]))
     assert out.shape == (1, 6, 64, 64) and torch.isfinite(out).all()
 
-    from core.dino import load_dino_extractor
+    from core.encoders.dino import load_dino_extractor
 
     features = load_dino_extractor(written["dino"])(torch.zeros(1, 3, 224, 224))
     assert features.keys.shape == (1, 785, 32) and features.cls.shape == (1, 32)
 
-    from core.clip import load_clip
+    from core.encoders.clip import load_clip
 
     clip = load_clip(str(written["clip_guidance"].parent), pretrained=str(written["clip_guidance"]))
     assert clip.encode_text(["a photo"]).shape == (1, 16)
 
-    from core.perceptual import VGG16_FILE, load_lpips
+    from core.encoders.lpips import VGG16_FILE, load_lpips
 
     assert written["lpips"].name == VGG16_FILE
     lp = load_lpips(written["lpips"])

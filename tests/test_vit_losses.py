@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.dino import DINOExtractor, load_dino_extractor
-from core.guidance import StepContext
-from core.schedule import DiffusionSchedule
-from core.vit_losses import (DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence,
+from core.encoders.dino import DINOExtractor, load_dino_extractor
+from core.diffusion.guidance import StepContext
+from core.diffusion.schedule import DiffusionSchedule
+from core.diffuseit.dino_losses import (DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence,
                              cls_mse, contrastive_patch_loss, dir_cls_loss, frac_cont_schedule,
                              global_ssim_loss, loss_vit_forward, noise_mixed_input,
                              patch_nce_per_token, range_loss, self_similarity,

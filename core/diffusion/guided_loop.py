@@ -22,7 +22,7 @@ import torch
 
 from .guidance import StepContext
 from .sampling import NoiseSource, ddim_step, ddpm_step, model_output
-from .devices import to_device
+from ..devices import to_device
 from .schedule import DiffusionSchedule, MeanVariance, extract, p_mean_variance, q_sample
 
 
@@ -94,7 +94,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
                   callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True) -> GuidedResult:
     """Translate/edit ``source`` ([B,3,H,W] in [-1,1], one row per sample) under the guidance ``terms``.
 
-    ``terms`` are guidance-term values (see ``core.guidance``); each is prepared once here. ``blend``
+    ``terms`` are guidance-term values (see ``core.diffusion.guidance``); each is prepared once here. ``blend``
     (optional) has ``prepare(source) -> prepared`` with ``prepared.after_step(x, t_index, noise_source, schedule)``
     and ``prepared.finalize(x0)`` (Blended Diffusion). ``callback`` gets ``{i, total, t_index, t, x,
     predicted_x0, losses}`` after each step and may raise to stop (Cancel).

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from kornia.geometry.transform import (get_affine_matrix2d, get_perspective_transform,
                                        warp_affine, warp_perspective)
 
-from .devices import to_device
+from ..devices import to_device
 
 FAITHFUL_TRANSLATE: tuple[float, float] = (0.0, 0.1)
 

@@ -12,9 +12,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .clip_losses import CLIPDirectionalLoss
-from .guided import GuidedResult, GuidedSamplerOptions, sample_many
-from .vit_losses import DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence
+from .clip_direction import CLIPDirectionalLoss
+from ..diffusion.guided_loop import GuidedResult, GuidedSamplerOptions, sample_many
+from .dino_losses import DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence
 
 RESTART_THRESHOLD = 0.01  # upstream's flag on the lambda-weighted range loss (ImageNet; FFHQ uses 0.1)
 
@@ -92,7 +92,7 @@ def _check_source(source: torch.Tensor, size: int) -> None:
         raise ValueError(f"source must be [B,3,H,W] in [-1,1], got {tuple(source.shape)}")
     if source.shape[-2:] != (size, size):
         raise ValueError(f"source is {tuple(source.shape[-2:])}; resize it to the model's {size}x{size} first "
-                         "(core.images.resize_to_model or load_image_pil)")
+                         "(core.io.resize_to_model or load_image_pil)")
 
 
 def diffuseit_text(ddpm: Any, dino: Any, clip: Sequence[Any], source: torch.Tensor, source_text: str,

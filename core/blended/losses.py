@@ -1,4 +1,4 @@
-"""Blended Diffusion's guidance losses as guidance terms (see ``core/guidance.py``).
+"""Blended Diffusion's guidance losses as guidance terms (see ``core/diffusion/guidance.py``).
 
 Spec 5.4 - 5.5 (``optimization/image_editor.py:104-210``, ``optimization/losses.py``). Upstream
 ``cond_fn`` returns ``-d/dx_t`` of
@@ -23,9 +23,9 @@ from typing import Any, Literal, Optional
 import torch
 
 from .cutouts import FAITHFUL_TRANSLATE, AugmentParams, AugmentSettings, make_cutouts
-from .guidance import StepContext
-from .schedule import DiffusionSchedule
-from .vit_losses import RangeLoss
+from ..diffusion.guidance import StepContext
+from ..diffusion.schedule import DiffusionSchedule
+from ..diffuseit.dino_losses import RangeLoss
 
 # --------------------------------------------------------------------------- functional pieces
 

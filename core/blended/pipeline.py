@@ -13,11 +13,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .blend import BLEND_MODES, blend_background, enforce_background, extract_crop, plan_crop, stitch_back
-from .blended_losses import blended_guidance
-from .guided import GuidedSamplerOptions, ProgressRelay, planned_steps, sample_many
+from .blending import BLEND_MODES, blend_background, enforce_background, extract_crop, plan_crop, stitch_back
+from .losses import blended_guidance
+from ..diffusion.guided_loop import GuidedSamplerOptions, ProgressRelay, planned_steps, sample_many
 from .masks import prepare_mask
-from .rank import rank_results
+from .ranking import rank_results
 
 
 @dataclass(frozen=True, eq=False)

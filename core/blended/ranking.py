@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .blended_losses import clip_normalize, spherical_distance
+from .losses import clip_normalize, spherical_distance
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .devices import to_device
+from ..devices import to_device
 from .schedule import (DiffusionSchedule, MeanVariance, eps_from_x0, extract, p_mean_variance,
                        predict_x0_from_eps, q_sample)
 

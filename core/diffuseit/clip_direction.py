@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from .clip import ClipEnsemble, ClipModel
-from .guidance import StepContext, noise_mixed_input
+from ..encoders.clip import ClipEnsemble, ClipModel
+from ..diffusion.guidance import StepContext, noise_mixed_input
 
 NUM_TEMPLATES = 79
 DROPPED_TEMPLATE = "a photo of many {}."  # the one OPENAI_IMAGENET_TEMPLATES entry upstream lacks (§2.4)

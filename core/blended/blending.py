@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import blur_mask, erode_mask, mask_bbox, resize_mask
-from .schedule import DiffusionSchedule, q_sample
+from ..diffusion.schedule import DiffusionSchedule, q_sample
 
 BlendMode = Literal["official", "next_level", "fixed_noise"]
 BLEND_MODES: tuple[str, ...] = ("official", "next_level", "fixed_noise")

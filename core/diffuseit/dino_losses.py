@@ -22,8 +22,8 @@ from typing import Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .dino import DINOExtractor, DINOFeatures
-from .guidance import StepContext, noise_mixed_input  # noqa: F401 (re-exported)
+from ..encoders.dino import DINOExtractor, DINOFeatures
+from ..diffusion.guidance import StepContext, noise_mixed_input  # noqa: F401 (re-exported)
 
 TAU = 0.07          # InfoNCE temperature, hard-coded upstream (§4.2)
 DIAGONAL_LOGIT = -10.0  # value written over the positive pair among the negatives (§4.2)
@@ -213,7 +213,7 @@ class DINOStructureLoss:
     Defaults are upstream's (1000 / 200, both presets). ``frac_cont`` is the text-mode contrastive
     schedule (§3.5 step 1): with ``use_prog_contrast`` / ``regularize_content`` it follows the CLIP
     term's previous loss (``ctx.extras["clip_loss_prev"]``, published before each step by
-    :class:`~core.clip_losses.CLIPDirectionalLoss`) through :func:`frac_cont_schedule`; a per-step
+    :class:`~core.diffuseit.clip_direction.CLIPDirectionalLoss`) through :func:`frac_cont_schedule`; a per-step
     value in ``ctx.extras["frac_cont"]`` (float or Tensor[B]) overrides both. The source keys and their
     self-similarity are computed once in ``prepare``.
     """
