@@ -19,11 +19,12 @@ import torch
 from core.diffusion import unet as unet_mod
 from core.blended.losses import MaskedCLIPLoss
 from core.diffuseit.clip_direction import CLIPDirectionalLoss
-from core.diffusion.guidance import StepContext, noise_mixed_input
-from core.diffusion.guided_loop import FiniteWatch, guidance_gradient, program, renoise_one_step
+from core.diffusion.guidance import Replay, StepContext, StepState, noise_mixed_input
+from core.diffusion.finite_watch import FiniteWatch
+from core.diffusion.guided_loop import guidance_gradient, program, renoise_one_step
 from core.diffusion.sampling import NoiseSource, ddpm_step, model_output
 from core.diffusion.schedule import p_mean_variance, q_sample
-from core.diffuseit.dino_losses import _CACHE_KEY, DINOStructureLoss, DINOStyleLoss, SemanticDivergence
+from core.diffuseit.dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
 if TYPE_CHECKING:
     from bench.bench_guided import Bench
@@ -71,7 +72,7 @@ class _Isolated:
         if self.gate is not None and not bool((ctx.t_index > self.gate).any()):
             # upstream's use_dir = t > diff_iter: no forward at all when the term is off
             return predicted_x0.new_zeros(predicted_x0.shape[0])
-        ctx.extras.pop(_CACHE_KEY, None)
+        ctx.state.dino_features.clear()
         return self.inner(predicted_x0, ctx)
 
     def before_step(self, ctx: StepContext) -> None:
@@ -95,11 +96,12 @@ class RowRun:
         self.source = b.source[rows]
         n = len(rows)
         self.noise = NoiseSource(seed + rows[0], n, b.device)
-        self.state: dict = {"generator": [torch.Generator("cpu").manual_seed((seed + r + 7919) % 2 ** 64) for r in rows]}
-        self.state["cutout_generator"] = self.state["generator"]
+        self.state = StepState()
+        self.generators = [torch.Generator("cpu").manual_seed((seed + r + 7919) % 2 ** 64) for r in rows]
         self.blender = b.blend.prepare(self.source) if b.blend is not None else None
-        if self.blender is not None:
-            self.state["blend_mask"] = self.blender.mask
+        self.blend_mask = self.blender.mask if self.blender is not None else None
+        self.prev_x0: Optional[torch.Tensor] = None
+        self.prev_vit_input: Optional[torch.Tensor] = None
         rec = b.recipe
         # terms prepared once per run: everything in the fast path; CLIP / range / divergence in the baseline
         self.persistent = {}
@@ -107,7 +109,7 @@ class RowRun:
             if not (rec.recompute_source and isinstance(term, (DINOStructureLoss, DINOStyleLoss))):
                 self.persistent[i] = b.prepare(term, self.source)
         if rec.recompute_source:
-            self.state["prev_vit_input"] = self.source  # upstream: prev = x_src at the first call
+            self.prev_vit_input = self.source  # upstream: prev = x_src at the first call
         top = program(b.schedule, b.options)[0][0]
         self.x = q_sample(b.schedule, self.source, torch.full((n,), top, device=b.device, dtype=torch.long),
                           self.noise.randn(self.source.shape[1:], kind="start"))
@@ -132,11 +134,12 @@ class RowRun:
                 out.append(self.persistent[i])
         return out
 
-    def context(self, t_index: torch.Tensor, x_t: torch.Tensor, step: int, extras: Optional[dict] = None) -> StepContext:
+    def context(self, t_index: torch.Tensor, x_t: torch.Tensor, step: int, state: Optional[StepState] = None) -> StepContext:
         b = self.b
         return StepContext(t_index=t_index, t=b.schedule.model_timesteps(t_index), x_t=x_t, schedule=b.schedule,
-                           source=self.source, prev_x0=self.state.get("prev_x0"), step=step,
-                           extras=self.state if extras is None else extras)
+                           source=self.source, prev_x0=self.prev_x0, step=step, generators=self.generators,
+                           blend_mask=self.blend_mask, state=self.state if state is None else state,
+                           replay=Replay(prev_vit_input=self.prev_vit_input))
 
     def step(self, i: int, k: int, renoise: bool) -> dict:
         b, rec = self.b, self.b.recipe
@@ -163,9 +166,9 @@ class RowRun:
         if renoise:
             nxt = renoise_one_step(b.schedule, nxt, t_index, self.noise.randn(self.source.shape[1:], kind="resample"),
                                    b.options)
-        self.state["prev_x0"] = mv.pred_xstart
+        self.prev_x0 = mv.pred_xstart
         if rec.recompute_source:  # upstream: prev <- x_in after every call
-            self.state["prev_vit_input"] = noise_mixed_input(mv.pred_xstart, replace(ctx, x_t=self.x)).detach()
+            self.prev_vit_input = noise_mixed_input(mv.pred_xstart, replace(ctx, x_t=self.x)).detach()
         self.x = nxt
         return {"mean": mv.mean, "grad": grad, "losses": per_term}
 

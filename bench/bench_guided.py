@@ -59,14 +59,13 @@ from bench import models as bm  # noqa: E402
 from bench.baseline import RowRun, _is_clip, _is_dino, attention_patch, recipe_steps  # noqa: E402
 from bench.measure import (CLOCK, CLOCKS, Timer, cpu_name, cpu_snapshot, load_average,  # noqa: E402
                            others_cpu_share, sync)
-from core.blended.pipeline import BackgroundBlend  # noqa: E402
+from core.blended.blending import BackgroundBlend  # noqa: E402
 from core.blended.losses import blended_guidance  # noqa: E402
 from core.diffuseit.clip_direction import PreparedCLIPDirectional  # noqa: E402
 from core.diffuseit.pipeline import PRESETS, diffuseit_guidance, sampler_options  # noqa: E402
 from core.diffusion.guided_loop import GuidedSamplerOptions, guided_sample, program  # noqa: E402
 from core.diffusion.sampling import model_output  # noqa: E402
 from core.diffusion.schedule import p_mean_variance  # noqa: E402
-from core.diffuseit.dino_losses import _CACHE_KEY  # noqa: E402
 
 CALLS_PER_IMAGE = {"diffuseit-text": 69, "diffuseit-image": 129, "blended": 75}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -300,8 +299,7 @@ def measure_phases(b: Bench, repeat: int, seed: int = 0) -> dict:
                 ti = torch.full((n,), k, device=b.device, dtype=torch.long)
                 x0 = x0_fixed.clone().requires_grad_(True)
                 xt = x.clone().requires_grad_(True)
-                extras = {key: v for key, v in run.state.items() if key != _CACHE_KEY}
-                ctx = run.context(ti, xt, 0, extras)
+                ctx = run.context(ti, xt, 0, dataclasses.replace(run.state, dino_features={}))
                 with torch.enable_grad(), timer(acc[name]):
                     prepared = run.prepared_for_step(pick)
                     total = sum(p(x0, ctx).float().sum() for p in prepared)

@@ -1,26 +1,41 @@
-"""Image I/O and conversions between files, ComfyUI's IMAGE layout and the model's [-1, 1] NCHW."""
+"""Images in and out: files, ComfyUI's IMAGE layout and the model's [-1, 1] NCHW.
+
+Two file paths: :func:`load_image` reads any file at its own size (the ComfyUI-like path, resized
+later on tensors), and :func:`load_image_pil` / :func:`load_mask_pil` are upstream's PIL
+preprocessing byte for byte (LANCZOS / NEAREST to a square; Blended Diffusion spec 4.1, 4.2).
+"""
 
 from __future__ import annotations
 
 import os
 
+from typing import Literal, Union
+
 import numpy as np
 import torch
+from PIL import Image
+
+ImageSource = Union[str, os.PathLike, Image.Image]
 
 
 def to_model(image_bhwc: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] in [0,1] -> model input [B,3,H,W] in [-1,1] (alpha dropped, gray expanded)."""
+    """ComfyUI IMAGE [B,H,W,C] (or [H,W,C]) in [0,1] -> model input [B,3,H,W] in [-1,1].
+
+    C = 1 (gray) is repeated to RGB; C = 2 (gray + alpha) keeps gray; C = 4 (RGBA) drops alpha
+    without compositing (ComfyUI hands alpha over as LoadImage's MASK). Values are clamped to
+    [0, 1]; the input is never modified.
+    """
     if image_bhwc.dim() == 3:
         image_bhwc = image_bhwc[None]
     if image_bhwc.dim() != 4:
         raise ValueError(f"image must be [B,H,W,C], got shape {tuple(image_bhwc.shape)}")
     channels = image_bhwc.shape[-1]
-    if channels == 1:
-        image_bhwc = image_bhwc.expand(-1, -1, -1, 3)
+    if channels in (1, 2):
+        image_bhwc = image_bhwc[..., :1].expand(-1, -1, -1, 3)
     elif channels == 4:
         image_bhwc = image_bhwc[..., :3]
     elif channels != 3:
-        raise ValueError(f"image must have 1, 3 or 4 channels, got {channels}")
+        raise ValueError(f"image must have 1, 2, 3 or 4 channels (last dim), got {channels}")
     return image_bhwc.movedim(-1, 1).float().clamp(0, 1) * 2 - 1
 
 
@@ -31,8 +46,6 @@ def from_model(x: torch.Tensor) -> torch.Tensor:
 
 def load_image(path: str) -> torch.Tensor:
     """Read any PIL-readable file as [1,3,H,W] in [-1,1] (alpha dropped, grayscale expanded, 16-bit scaled)."""
-    from PIL import Image
-
     with Image.open(path) as im:
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     return to_model(torch.from_numpy(rgb)[None])
@@ -40,8 +53,6 @@ def load_image(path: str) -> torch.Tensor:
 
 def save_image(x: torch.Tensor, path: str) -> list[str]:
     """Save a [B,3,H,W] batch in [-1,1] as PNG(s); never overwrites: a taken name gets a counter."""
-    from PIL import Image
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     stem, ext = os.path.splitext(path)
     ext = ext or ".png"
@@ -71,10 +82,45 @@ def resize_to_model(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
-def load_image_pil(path: str, size: int) -> torch.Tensor:
-    """Upstream's loader exactly: PIL RGB, resize((size, size), LANCZOS), to [-1,1] [1,3,size,size]."""
-    from PIL import Image
+def to_uint8(x: torch.Tensor, rounding: Literal["truncate", "round"] = "truncate") -> torch.Tensor:
+    """[-1, 1] -> uint8 as upstream Blended Diffusion saves PNGs (spec 6): ``(x + 1) / 2``, clamp,
+    ``* 255``, then truncation (``to_pil_image``'s ``mul(255).byte()``); ``rounding="round"`` rounds."""
+    v = ((x + 1) / 2).clamp(0, 1).mul(255)
+    if rounding == "round":
+        v = v.round()
+    elif rounding != "truncate":
+        raise ValueError(f"rounding must be 'truncate' or 'round', got {rounding!r}")
+    return v.to(torch.uint8)
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1
+
+def _open_pil(image: ImageSource) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    with Image.open(image) as im:
+        im.load()
+        return im.copy()
+
+
+def load_image_pil(image: ImageSource, size: int = 256) -> torch.Tensor:
+    """Upstream's source preprocessing exactly (both papers): PIL RGB, ``resize((size, size), LANCZOS)``
+    (aspect ratio ignored), [-1, 1], shape (1, 3, size, size). ``image``: a path or a PIL image."""
+    rgb = _open_pil(image).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return (pixels * 2 - 1).unsqueeze(0)
+
+
+def load_mask_pil(mask: ImageSource, size: int = 256, invert: bool = False) -> torch.Tensor:
+    """Upstream Blended Diffusion's mask preprocessing (spec 4.2): (1, 1, S, S), values {0, 1}, 1 = edit.
+
+    NEAREST resize only when the size differs; each channel ``> 0.5`` on the 8-bit values (so 1/255
+    counts), binarised to 0/255, ``255 - v`` when inverted, then only the red channel. An all-zero
+    result is returned as is (upstream does not reject it; see :func:`core.blended.masks.check_mask`).
+    """
+    rgb = _open_pil(mask).convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
+    values = (np.array(rgb, dtype=np.uint8) > 0.5).astype(np.uint8) * 255
+    if invert:
+        values = 255 - values
+    tensor = torch.from_numpy(values).permute(2, 0, 1).float().div(255)
+    return tensor[:1].unsqueeze(0)

@@ -12,7 +12,8 @@ from comfy_api.latest import io
 from ..core.blended.losses import BackgroundPreservationLoss, MaskedCLIPLoss
 from ..core.diffuseit.clip_direction import CLIPDirectionalLoss
 from ..core.io import to_model
-from ..core.diffuseit.dino_losses import DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence
+from ..core.diffuseit.dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
+from ..core.diffusion.range import RangeLoss
 from .types import CLIPType, DINOType, GuidanceType, LPIPSType, chain
 
 CATEGORY = "DiffuseIT-Blended/guidance"

@@ -6,7 +6,9 @@ import torch
 from comfy_api.latest import io
 
 from ..core.blended.pipeline import blended_sample
-from ..core.diffusion.guided_loop import GuidedSamplerOptions, planned_steps, sample_many
+from ..core.diffusion.guided_loop import GuidedSamplerOptions
+from ..core.diffusion.batching import planned_steps, sample_many
+from ..core.diffusion.range import RESTART_THRESHOLD
 from ..core.io import from_model, resize_to_model, to_model
 from . import comfy_bridge as bridge
 from .types import BlendType, DDPMType, GuidanceType
@@ -71,7 +73,7 @@ class GuidedSampler(io.ComfyNode):
         bridge.load_to_device(models)
         device = core_ddpm.device
         options = GuidedSamplerOptions(sampler=sampler, skip_timesteps=skip_timesteps, resample_steps=resample_steps,
-                                       range_restart_threshold=0.01 if range_restart else None, max_restarts=max_restarts)
+                                       range_restart_threshold=RESTART_THRESHOLD if range_restart else None, max_restarts=max_restarts)
         schedule = core_ddpm.schedule(respacing)
         per_image = planned_steps(schedule, options, samples, chunk_size)
         progress = bridge.Progress(per_image * image.shape[0] if blend is not None

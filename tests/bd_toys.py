@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from safetensors.torch import load_file
 
-from core.diffusion.guidance import StepContext
+from core.diffusion.guidance import Replay, StepContext
 from core.diffusion.schedule import DiffusionSchedule, p_mean_variance
 
 FIXTURES = Path(__file__).parent / "fixtures" / "blended_diffusion"
@@ -125,7 +125,7 @@ def seeded_lpips() -> torch.nn.Module:
 
 def guidance_gradient(model: torch.nn.Module, schedule: DiffusionSchedule, x_t: torch.Tensor,
                       t_index: torch.Tensor, prepared: Sequence[Any], source: torch.Tensor,
-                      extras: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+                      replay: Replay = Replay()) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
     """Upstream ``cond_fn`` (spec 5.4): ``-d/dx sum_terms sum_b loss`` with x0 from a
     differentiable UNet pass at ``t_index`` (the model sees ``timestep_map[t_index]`` as float).
     Returns ``(gradient, total_loss, ctx)``."""
@@ -134,7 +134,7 @@ def guidance_gradient(model: torch.nn.Module, schedule: DiffusionSchedule, x_t: 
         t = schedule.model_timesteps(t_index)
         out = p_mean_variance(schedule, model(x, t.float()), x, t_index, clip_denoised=False)
         ctx = StepContext(t_index=t_index, t=t, x_t=x, schedule=schedule,
-                          source=source.expand(x.shape[0], -1, -1, -1), extras=extras or {})
+                          source=source.expand(x.shape[0], -1, -1, -1), replay=replay)
         total = sum(term(out.pred_xstart, ctx).sum() for term in prepared)
         grad = torch.autograd.grad(total, x)[0]
     return -grad, total.detach(), ctx

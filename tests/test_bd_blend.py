@@ -9,6 +9,8 @@ import torch
 
 from bd_toys import fixture, fixture_json, guidance_gradient, seeded_lpips, toy_models
 from core.blended import blending as blend
+from core.blended import geometry
+from core.io import to_uint8
 from core.blended.losses import blended_guidance
 from core.blended.masks import mask_bbox
 from core.diffusion.schedule import (DiffusionSchedule, eps_from_x0, extract, p_mean_variance,
@@ -80,8 +82,8 @@ def test_enforce_background_keeps_source_exactly_and_to_uint8_truncates():
     assert torch.equal(out[keep], src.expand_as(out)[keep])
     assert torch.equal(out[~keep], x0[~keep])
     value = torch.tensor([[-1.0, 0.0, 0.999, 1.5]])
-    assert blend.to_uint8(value).tolist() == [[0, 127, 254, 255]]
-    assert blend.to_uint8(value, "round").tolist() == [[0, 128, 255, 255]]
+    assert to_uint8(value).tolist() == [[0, 127, 254, 255]]
+    assert to_uint8(value, "round").tolist() == [[0, 128, 255, 255]]
 
 
 # ------------------------------------------------------------------ crop / stitch-back
@@ -98,23 +100,23 @@ def _big_case(h: int = 90, w: int = 140, seed: int = 0) -> tuple[torch.Tensor, t
 def test_plan_crop_contains_the_mask_with_margin():
     image, mask = _big_case()
     top, left, bottom, right = mask_bbox(mask)
-    box = blend.plan_crop(mask, model_size=32, margin=0.25)
+    box = geometry.plan_crop(mask, model_size=32, margin=0.25)
     assert box.size == math.ceil(max(bottom - top, right - left) * 1.5)
     t, l, b, r = box.inside()
     assert (t, l, b, r) == (box.top, box.left, box.top + box.size, box.left + box.size)
     assert mask[..., t:b, l:r].sum() == mask.sum()
-    big = blend.plan_crop(mask, model_size=256)  # wants 256 px of context: capped, padded
+    big = geometry.plan_crop(mask, model_size=256)  # wants 256 px of context: capped, padded
     assert big.size == max(image.shape[-2:]) and big.top < 0 and big.left == 0
 
 
 @pytest.mark.parametrize("feather", [0, 3])
 def test_stitch_back_leaves_everything_outside_the_mask_byte_for_byte(feather):
     image, mask = _big_case()
-    box = blend.plan_crop(mask, model_size=64, margin=0.2, min_size=0)
-    crop, crop_mask = blend.extract_crop(image, mask, box, 64)
+    box = geometry.plan_crop(mask, model_size=64, margin=0.2, min_size=0)
+    crop, crop_mask = geometry.extract_crop(image, mask, box, 64)
     assert crop.shape == (1, 3, 64, 64) and crop_mask.shape == (1, 1, 64, 64)
     edited = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    out = blend.stitch_back(image, edited, mask, box, feather=feather)
+    out = geometry.stitch_back(image, edited, mask, box, feather=feather)
     assert out.shape == (2, 3) + tuple(image.shape[-2:])
     keep = (mask == 0).expand_as(out)
     full = image.expand_as(out)
@@ -122,33 +124,33 @@ def test_stitch_back_leaves_everything_outside_the_mask_byte_for_byte(feather):
     changed = (out != full).any(dim=1, keepdim=True)
     assert changed.any() and not bool((changed & (mask == 0)).any())
     if feather:
-        weight = blend.stitch_weight(mask, feather)
+        weight = geometry.stitch_weight(mask, feather)
         assert weight.max() == 1 and bool(((weight > 0) & (weight < 1)).any())
         assert bool((weight[mask == 0] == 0).all())
 
 
 def test_upscale_small_image_path_round_trips():
     image, mask = _big_case(20, 24)
-    box = blend.plan_crop(mask, model_size=64)
+    box = geometry.plan_crop(mask, model_size=64)
     assert box.size == 24 and box.top == -2  # the whole image, padded to a square
-    crop, crop_mask = blend.extract_crop(image, mask, box, 64)
+    crop, crop_mask = geometry.extract_crop(image, mask, box, 64)
     assert crop.shape[-1] == 64 and crop.min() >= -1 and crop.max() <= 1
     # outside the image the crop mask is 0 (keep), so padding is never edited
     assert crop_mask[..., :4, :].sum() == 0
-    out = blend.stitch_back(image, crop, mask, box)
+    out = geometry.stitch_back(image, crop, mask, box)
     assert out.shape == image.shape
     assert torch.equal(out[(mask == 0).expand_as(out)], image[(mask == 0).expand_as(image)])
 
 
 def test_stitch_back_errors():
     image, mask = _big_case()
-    box = blend.plan_crop(mask, model_size=32, margin=0.0, min_size=0)
+    box = geometry.plan_crop(mask, model_size=32, margin=0.0, min_size=0)
     other = torch.zeros_like(mask)
     other[..., 0, 0] = 1
     with pytest.raises(ValueError, match="reaches outside the crop box"):
-        blend.stitch_back(image, torch.zeros(1, 3, 32, 32), other, box)
+        geometry.stitch_back(image, torch.zeros(1, 3, 32, 32), other, box)
     with pytest.raises(ValueError, match="crop box was planned for"):
-        blend.stitch_back(image[..., :50], torch.zeros(1, 3, 32, 32), mask[..., :50], box)
+        geometry.stitch_back(image[..., :50], torch.zeros(1, 3, 32, 32), mask[..., :50], box)
 
 
 # ------------------------------------------------------------------ one sampler step

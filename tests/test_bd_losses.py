@@ -11,9 +11,9 @@ from bd_toys import (fixture, fixture_json, guidance_gradient, prefixed, readme_
                      readme_tolerances, seeded_lpips, toy_models)
 from core.blended import losses as bl
 from core.blended.cutouts import AugmentParams, AugmentSettings, make_cutouts, sample_augment_params
-from core.diffusion.guidance import StepContext
-from core.diffusion.schedule import DiffusionSchedule, p_mean_variance
-from core.diffuseit.dino_losses import range_loss
+from core.diffusion.guidance import StepContext, noise_mixed_input
+from core.diffusion.schedule import DiffusionSchedule, p_mean_variance, upstream_timestep_index
+from core.diffusion.range import range_loss
 
 META = fixture_json()
 LOSSES = fixture("losses")
@@ -154,14 +154,14 @@ def _terms(case: dict, clip, lpips_model, l2_reduction="batch_mean"):
                                n_cuts=N_CUTS, seed=META["cond_fn"]["seed_before_call"], l2_reduction=l2_reduction)
 
 
-def test_unscale_timestep():
+def test_upstream_timestep_index():
     for case in CASES:
         t = COND[f"{case}.t_received"]
         assert torch.equal(t, SCHEDULE.model_timesteps(COND["t_index"]).float())
-        assert torch.equal(bl.unscale_timestep(t, SCHEDULE.num_timesteps), COND[f"{case}.t_unscaled"])
+        assert torch.equal(upstream_timestep_index(t, SCHEDULE.num_timesteps), COND[f"{case}.t_unscaled"])
     # exact for the default respacing at every step
     all_steps = torch.arange(SCHEDULE.num_timesteps)
-    assert torch.equal(bl.unscale_timestep(SCHEDULE.model_timesteps(all_steps).float(), SCHEDULE.num_timesteps),
+    assert torch.equal(upstream_timestep_index(SCHEDULE.model_timesteps(all_steps).float(), SCHEDULE.num_timesteps),
                        all_steps)
 
 
@@ -178,7 +178,7 @@ def test_cond_fn_gradient(case, toys, lpips_model):
     if info["uses_random_augmentations"]:
         recorded = AugmentParams.from_kornia(prefixed(COND, f"{case}.affine_params"),
                                              prefixed(COND, f"{case}.perspective_params"))
-        used = ctx.extras["masked_clip.params"]
+        used = ctx.state.cutout_params["masked_clip"]
         assert torch.equal(used.end_points, recorded.end_points) and torch.equal(used.angle, recorded.angle)
 
 
@@ -190,7 +190,8 @@ def test_cond_fn_pieces_x_in_cutouts_and_clip_loss(toys):
     with torch.no_grad():
         x0 = model(x_t, SCHEDULE.model_timesteps(t).float())
         x0 = p_mean_variance(SCHEDULE, x0, x_t, t).pred_xstart
-        x_in = bl.guidance_input(x0, x_t, SCHEDULE, t)
+        x_in = noise_mixed_input(x0, StepContext(t_index=t, t=SCHEDULE.model_timesteps(t), x_t=x_t, schedule=SCHEDULE,
+                                                 source=x_t))
         assert (x_in - COND["only_clip.x_in"]).abs().max().item() <= info["recommended_gradient_atol"]
         params = AugmentParams.from_kornia(prefixed(COND, "only_clip.affine_params"),
                                            prefixed(COND, "only_clip.perspective_params"))

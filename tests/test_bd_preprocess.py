@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from bd_toys import fixture, fixture_json, readme_tolerances
+from core import io
 from core.blended import masks
 
 PRE = fixture("preprocess")
@@ -20,14 +21,14 @@ def _pil(key: str) -> Image.Image:
 
 
 def test_image_pil_path_matches_upstream_exactly():
-    image = masks.load_image_pil(_pil("image_input_uint8"), SIZE)
+    image = io.load_image_pil(_pil("image_input_uint8"), SIZE)
     assert image.shape == PRE["init_image"].shape and image.dtype == torch.float32
     assert (image - PRE["init_image"]).abs().max().item() <= EXACT
 
 
 @pytest.mark.parametrize("invert,key", [(False, "mask_plain"), (True, "mask_inverted")])
 def test_mask_pil_path_matches_upstream_exactly(invert, key):
-    mask = masks.load_mask_pil(_pil("mask_input_uint8"), SIZE, invert=invert)
+    mask = io.load_mask_pil(_pil("mask_input_uint8"), SIZE, invert=invert)
     assert mask.shape == PRE[key].shape
     assert (mask - PRE[key]).abs().max().item() <= EXACT
     assert mask.mean().item() == pytest.approx(META["mask_plain_fraction"] if not invert
@@ -37,7 +38,7 @@ def test_mask_pil_path_matches_upstream_exactly(invert, key):
 def test_tensor_mask_path_equals_pil_nearest():
     """Red channel of the 8-bit mask as a float ComfyUI MASK: nearest-exact is PIL's NEAREST."""
     raw = PRE["mask_input_uint8"]
-    comfy_mask = masks.mask_from_image(raw.float().div(255).unsqueeze(0))  # [1, H, W]
+    comfy_mask = raw[..., 0].float().div(255).unsqueeze(0)  # [1, H, W]: the red channel as a MASK
     out = masks.prepare_mask(comfy_mask, SIZE, SIZE)
     assert (out - PRE["mask_plain"]).abs().max().item() <= EXACT
     inverted = masks.prepare_mask(comfy_mask, SIZE, SIZE, invert=True)
@@ -54,15 +55,8 @@ def test_green_only_values_are_ignored_and_red_value_one_counts():
     tensor_path = masks.prepare_mask(raw[..., 0].float().div(255), height, width)[0, 0]
     assert bool(tensor_path[red_one].eq(1).all()) and bool(tensor_path[green_only].eq(0).all())
     # the PIL path at the input's own size (no resize) agrees pixel for pixel
-    pil_path = masks.load_mask_pil(_pil("mask_input_uint8").crop((0, 0, height, height)), height)[0, 0]
+    pil_path = io.load_mask_pil(_pil("mask_input_uint8").crop((0, 0, height, height)), height)[0, 0]
     assert torch.equal(pil_path, tensor_path[:, :height])
-
-
-def test_no_mask_is_all_ones_like_the_image():
-    image = PRE["init_image"]
-    mask = masks.no_mask_like(image)
-    assert list(mask.shape) == META["no_mask_mask_shape"]
-    assert bool(mask.eq(1).all()) == META["no_mask_mask_all_ones"]
 
 
 def test_clip_tokens_of_open_clip_match_the_official_tokenizer():
@@ -151,17 +145,17 @@ def test_comfy_image_channels(channels):
     else:
         image = torch.cat([rgb, torch.rand(2, 5, 7, 1)], dim=-1)[..., :channels]
         expected = rgb
-    x = masks.comfy_image_to_model(image)
+    x = io.to_model(image)
     assert x.shape == (2, 3, 5, 7)
     assert torch.allclose(x, expected.movedim(-1, 1) * 2 - 1)
-    assert torch.allclose(masks.model_to_comfy_image(x), expected)
+    assert torch.allclose(io.from_model(x), expected)
 
 
 def test_comfy_image_rejects_bad_shapes():
     with pytest.raises(ValueError, match="1, 2, 3 or 4 channels"):
-        masks.comfy_image_to_model(torch.rand(1, 4, 4, 5))
-    with pytest.raises(ValueError, match=r"IMAGE must be \[B, H, W, C\]"):
-        masks.comfy_image_to_model(torch.rand(4, 4))
+        io.to_model(torch.rand(1, 4, 4, 5))
+    with pytest.raises(ValueError, match=r"image must be \[B,H,W,C\]"):
+        io.to_model(torch.rand(4, 4))
 
 
 def test_mask_bbox_and_coverage():

@@ -7,7 +7,8 @@ import torch
 
 from bd_toys import fixture, fixture_json, readme_tolerances, toy_models
 from core.blended import ranking as rank
-from core.blended.blending import enforce_background, to_uint8
+from core.blended.blending import enforce_background
+from core.io import to_uint8
 from core.blended.losses import clip_normalize, spherical_distance
 
 LOOP = fixture("loop")

@@ -10,8 +10,8 @@ import torch
 
 from bd_toys import fixture, fixture_json, seeded_lpips, toy_models
 from conftest import assert_close
-from core.blended.blending import to_uint8
-from core.blended.pipeline import BackgroundBlend
+from core.io import to_uint8
+from core.blended.blending import BackgroundBlend
 from core.blended.losses import blended_guidance
 from core.diffusion.guided_loop import GuidedSamplerOptions, guided_sample
 from core.blended.ranking import rank_results, ranked_file_name

@@ -71,10 +71,10 @@ def make_term(ncuts: int, lambda_clip: float = 1.0, **kw) -> CLIPDirectionalLoss
                                ncuts=ncuts, lambda_src=COEF[1], lambda_img=COEF[2], **kw)
 
 
-def context(x: torch.Tensor, **extras) -> StepContext:
+def context(x: torch.Tensor, generator=None) -> StepContext:
     schedule = DiffusionSchedule.from_betas(linear_betas(10))
     t = torch.zeros(x.shape[0], dtype=torch.long)
-    return StepContext(t_index=t, t=t, x_t=x, schedule=schedule, source=x, extras=dict(extras))
+    return StepContext(t_index=t, t=t, x_t=x, schedule=schedule, source=x, generators=generator)
 
 
 def test_templates_are_open_clip_minus_one():
@@ -178,7 +178,7 @@ def test_clip_loss_along_the_recorded_text_loop():
         ctx = context(x)
         loss = prepared(x, ctx)
         assert_close(loss[0], torch.tensor(rec["clip_loss"]), EMB_ATOL, 0, f"call {rec['call']}")
-        assert torch.equal(ctx.extras["clip_loss"], loss.detach())
+        assert torch.equal(ctx.state.clip_loss, loss.detach())
 
 
 def test_cut_parameters_follow_the_upstream_distributions():

@@ -14,7 +14,7 @@ from conftest import fixture_path
 from core import load_ddpm
 from core.diffuseit.pipeline import DiffuseITSettings, diffuseit_guidance, sampler_options
 from core.encoders.dino import load_dino_extractor
-from core.diffusion.guidance import StepContext
+from core.diffusion.guidance import StepContext, StepState
 from core.diffusion.guided_loop import guidance_gradient, guided_sample
 from core.diffusion.sampling import ddpm_step
 from test_clip_losses import stub_ensemble
@@ -74,20 +74,20 @@ def test_teacher_forced_calls(models, mode):
     schedule = ddpm.schedule(settings.respacing)
     source = loop["init_image"]
     prepared = [t.prepare(source) for t in terms]
-    state: dict = {}
+    state = StepState()
     calls = entry.get("num_p_sample_calls", len(JSON["loop_image_guided"]["sequence"]))
     for n in range(calls):
         s = f"step{n:02d}."
         x, t_index = loop[s + "x"], loop[s + "t"]
         ctx = StepContext(t_index=t_index, t=schedule.model_timesteps(t_index), x_t=x, schedule=schedule,
-                          source=source, step=n, extras=state)
+                          source=source, step=n, state=state)
         mv, grad, _ = guidance_gradient(ddpm.unet, schedule, x, t_index, prepared, ctx)
         close(grad, loop[s + "gradient"], f"{mode} call {n} gradient")
         guided_mean = mv.mean + mv.variance * grad
         close(guided_mean, loop[s + "guided_mean"], f"{mode} call {n} guided mean")
         close(ddpm_step(schedule, mv, x, t_index, loop[s + "noise"], grad), loop[s + "sample"], f"{mode} call {n} sample")
         if mode == "text":
-            assert state["clip_loss"].item() == pytest.approx(entry["sequence"][n]["clip_loss"], rel=1e-4)
+            assert state.clip_loss.item() == pytest.approx(entry["sequence"][n]["clip_loss"], rel=1e-4)
 
 
 class Replay:

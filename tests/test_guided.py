@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import assert_close, fixture_path, float32_atol
 from core.diffusion.guidance import StepContext
-from core.diffusion.guided_loop import (GuidanceError, GuidedSamplerOptions, guidance_gradient, guided_sample, program,
-                         renoise_one_step)
+from core.diffusion.finite_watch import GuidanceError
+from core.diffusion.guided_loop import GuidedSamplerOptions, guidance_gradient, guided_sample, program, renoise_one_step
 from core.diffusion.schedule import DiffusionSchedule
 
 GROUP = "guided_diffusion"
@@ -128,7 +128,7 @@ class PoisonFrom:
 
 
 def test_late_nan_is_reported_with_its_step_within_the_check_interval(unet):
-    from core.diffusion.guided_loop import FiniteWatch
+    from core.diffusion.finite_watch import FiniteWatch
     sched = DiffusionSchedule.create(1000, "linear", "30")
     options, seen = GuidedSamplerOptions(skip_timesteps=5), []
     t5 = program(sched, options)[5][0]

@@ -22,7 +22,8 @@ if ROOT not in sys.path:
 
 from bench import bench_guided as bg  # noqa: E402
 from core.encoders.clip import ClipModel  # noqa: E402
-from core.diffusion.guided_loop import FiniteWatch, guided_sample, program  # noqa: E402
+from core.diffusion.finite_watch import FiniteWatch
+from core.diffusion.guided_loop import guided_sample, program  # noqa: E402
 
 META = torch.device("meta")
 

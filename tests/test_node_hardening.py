@@ -77,7 +77,7 @@ def test_batch_mismatch_between_images_and_masks(graph):
 def test_nan_guidance_is_reported(graph):
     _, ddpm, _, _ = graph
     from diffuseit_pack.nodes import guidance as g
-    from diffuseit_pack.core.diffusion.guided_loop import GuidanceError
+    from diffuseit_pack.core.diffusion.finite_watch import GuidanceError
     (chain,) = _run(g.RangeLossNode, weight=float("inf"))
     with pytest.raises(GuidanceError, match="range"):
         sampler(ddpm=ddpm, image=torch.rand(1, 32, 32, 3) * 4, guidance=chain)

@@ -14,14 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.diffuseit.dino_losses import (DINOStructureLoss, DINOStyleLoss, SemanticDivergence, cls_mse,
+                                        contrastive_patch_loss, dir_cls_loss, frac_cont_schedule, global_ssim_loss,
+                                        loss_vit_forward, patch_nce_per_token, self_similarity)
+from core.diffusion.guidance import Replay, StepContext, noise_mixed_input
+from core.diffusion.range import RangeLoss, range_loss
+from core.diffusion.schedule import DiffusionSchedule, upstream_timestep_index
 from core.encoders.dino import DINOExtractor, load_dino_extractor
-from core.diffusion.guidance import StepContext
-from core.diffusion.schedule import DiffusionSchedule
-from core.diffuseit.dino_losses import (DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence,
-                             cls_mse, contrastive_patch_loss, dir_cls_loss, frac_cont_schedule,
-                             global_ssim_loss, loss_vit_forward, noise_mixed_input,
-                             patch_nce_per_token, range_loss, self_similarity,
-                             upstream_timestep_index)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "diffuseit"
 JSON = json.loads((FIXTURES / "fixtures.json").read_text())
@@ -71,9 +70,9 @@ def _assert_grad(grad: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def _ctx(schedule: DiffusionSchedule, t_index: torch.Tensor, x_t: torch.Tensor,
-         source: torch.Tensor, **extras) -> StepContext:
+         source: torch.Tensor, **replay) -> StepContext:
     return StepContext(t_index=t_index, t=schedule.model_timesteps(t_index), x_t=x_t,
-                       schedule=schedule, source=source, extras=dict(extras))
+                       schedule=schedule, source=source, replay=Replay(**replay))
 
 
 # ----------------------------------------------------------------------------- pure losses
@@ -203,7 +202,7 @@ def test_image_loop_teacher_forced(ext: DINOExtractor, schedule: DiffusionSchedu
         pixel = cfg["l2_trg_lambda"] * ((x_in - loop["target_image"]) ** 2).mean().item()
         assert v_struct + v_sem + v_style - pixel == pytest.approx(entry["loss_vit"], rel=LOSS_RTOL)
         assert v_range == pytest.approx(entry["range_loss_x200"], rel=LOSS_RTOL)
-        assert len(ctx.extras["_dino_features"]) == 1  # one shared DINO forward for all terms
+        assert len(ctx.state.dino_features) == 1  # one shared DINO forward for all terms
 
 
 def test_source_features_computed_once(ext: DINOExtractor, fx: dict, schedule: DiffusionSchedule) -> None:

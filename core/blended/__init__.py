@@ -1,0 +1,10 @@
+"""Blended Diffusion (Avrahami et al., CVPR 2022): masks, per-step background blending, crop /
+stitch-back geometry, augmented cutouts, masked CLIP and background losses, CLIP ranking, pipeline."""
+
+from .blending import BackgroundBlend
+from .losses import BackgroundPreservationLoss, MaskedCLIPLoss, blended_guidance
+from .pipeline import BlendedResult, BlendSpec, blended_edit, blended_sample
+from .ranking import rank_results
+
+__all__ = ["BackgroundBlend", "BackgroundPreservationLoss", "MaskedCLIPLoss", "blended_guidance", "BlendedResult",
+           "BlendSpec", "blended_edit", "blended_sample", "rank_results"]

@@ -1,4 +1,6 @@
-"""Background blending, the final paste, and the crop / stitch-back path for large images.
+"""Background blending after every step and the final paste (Blended Diffusion spec 5.3, 6).
+
+:class:`BackgroundBlend` is the value the sampler applies after every step and at the end.
 
 Pure functions over NCHW tensors in [-1, 1]; masks are ``(1 or B, 1, H, W)``, 1 = edit.
 Nothing here draws random numbers unless asked to through :func:`draw_background_noise`:
@@ -18,14 +20,11 @@ step that turned ``x`` at respaced level ``i`` into ``x_prev`` at level ``i - 1`
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
-from .masks import blur_mask, erode_mask, mask_bbox, resize_mask
 from ..diffusion.schedule import DiffusionSchedule, q_sample
 
 BlendMode = Literal["official", "next_level", "fixed_noise"]
@@ -88,124 +87,51 @@ def enforce_background(x0: torch.Tensor, source: torch.Tensor, mask: torch.Tenso
     return source * (1 - mask) + x0 * mask
 
 
-def to_uint8(x: torch.Tensor, rounding: Literal["truncate", "round"] = "truncate") -> torch.Tensor:
-    """[-1, 1] -> uint8 as upstream saves PNGs (spec 6): ``(x + 1) / 2``, clamp, ``* 255``, then
-    truncation (``to_pil_image``'s ``mul(255).byte()``); ``rounding="round"`` rounds instead."""
-    v = ((x + 1) / 2).clamp(0, 1).mul(255)
-    if rounding == "round":
-        v = v.round()
-    elif rounding != "truncate":
-        raise ValueError(f"rounding must be 'truncate' or 'round', got {rounding!r}")
-    return v.to(torch.uint8)
+@dataclass(frozen=True, eq=False)
+class BackgroundBlend:
+    """Keep everything outside ``mask`` from the source (``mask`` (1 or rows, 1, H, W), 1 = edit).
 
-
-# --------------------------------------------------------------------------- crop / stitch
-
-@dataclass(frozen=True)
-class CropBox:
-    """A square ``size`` x ``size`` window at ``(top, left)`` of an ``image_height`` x
-    ``image_width`` image. It may reach outside the image (small or very elongated images);
-    those pixels are edge-replicated on the way in and dropped on the way back."""
-
-    top: int
-    left: int
-    size: int
-    image_height: int
-    image_width: int
-
-    def inside(self) -> tuple[int, int, int, int]:
-        """``(top, left, bottom, right)`` of the window's part that lies in the image."""
-        return (max(self.top, 0), max(self.left, 0), min(self.top + self.size, self.image_height),
-                min(self.left + self.size, self.image_width))
-
-
-def plan_crop(mask: torch.Tensor, model_size: int = 256, margin: float = 0.25,
-              min_size: Optional[int] = None) -> CropBox:
-    """Square window around the mask's bounding box (union over the batch), with context.
-
-    Side = ``ceil(max(bbox_h, bbox_w) * (1 + 2 * margin))``, at least ``min_size`` (default
-    ``model_size``: the model gets at least its own resolution of context when the image has
-    it), at most ``max(H, W)``. The window is centred on the box and shifted to lie inside the
-    image whenever its side allows; otherwise it is centred on the image (and padded).
+    ``mode``: ``official`` (source noised to the step's input level with fresh noise, upstream),
+    ``next_level`` (the output's level), ``fixed_noise`` (one noise for the whole run).
+    ``shared_noise``: upstream draws one background noise for the whole batch; off by default so a
+    batch equals serial runs (each row draws from its own stream).
+    ``enforce_background``: paste the source outside the mask into the final x0 (upstream default).
     """
-    h, w = mask.shape[-2:]
-    top, left, bottom, right = mask_bbox(mask)
-    side = math.ceil(max(bottom - top, right - left) * (1 + 2 * margin))
-    side = max(side, model_size if min_size is None else min_size)
-    side = min(side, max(h, w))
 
-    def place(lo: int, hi: int, extent: int) -> int:
-        if side >= extent:
-            return (extent - side) // 2
-        start = (lo + hi) // 2 - side // 2
-        return min(max(start, 0), extent - side)
+    mask: torch.Tensor
+    mode: str = "official"
+    enforce_background: bool = True
+    shared_noise: bool = False
 
-    return CropBox(place(top, bottom, h), place(left, right, w), side, h, w)
+    def __post_init__(self) -> None:
+        if self.mode not in BLEND_MODES:
+            raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {self.mode!r}")
 
+    def select(self, lo: int, hi: int) -> "BackgroundBlend":
+        """The rows lo:hi of a batch (a mask of batch 1 serves every row)."""
+        return self if self.mask.shape[0] == 1 else replace(self, mask=self.mask[lo:hi])
 
-def _window(x: torch.Tensor, box: CropBox, pad_mode: str) -> torch.Tensor:
-    t, l, b, r = box.inside()
-    part = x[..., t:b, l:r]
-    pads = (l - box.left, box.left + box.size - r, t - box.top, box.top + box.size - b)
-    if any(pads):
-        part = F.pad(part, pads, mode=pad_mode) if pad_mode != "constant" else F.pad(part, pads)
-    return part
+    def prepare(self, source: torch.Tensor) -> "PreparedBlend":
+        return PreparedBlend(self, source.detach(), self.mask.to(source.device, source.dtype))
 
 
-def _resize_image(x: torch.Tensor, size: int, value_range: tuple[float, float]) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    # bicubic overshoots at edges: clamp back to the data range
-    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
-                         antialias=True).clamp(*value_range)
+@dataclass(eq=False)
+class PreparedBlend:
+    blend: BackgroundBlend
+    source: torch.Tensor
+    mask: torch.Tensor
+    fixed: Optional[torch.Tensor] = None
 
+    def after_step(self, x_prev: torch.Tensor, t_index: torch.Tensor, noise: Any, schedule: Any) -> torch.Tensor:
+        if self.blend.mode == "fixed_noise":
+            if self.fixed is None:
+                self.fixed = noise.randn(self.source.shape[1:], kind="background")
+            z = self.fixed
+        else:
+            z = noise.randn(self.source.shape[1:], kind="background")
+        if self.blend.shared_noise:
+            z = z[:1]
+        return blend_background(x_prev, self.source, self.mask, schedule, t_index, z, self.blend.mode)
 
-def extract_crop(image: torch.Tensor, mask: torch.Tensor, box: CropBox, out_size: int,
-                 soft_mask: bool = False, value_range: tuple[float, float] = (-1.0, 1.0)
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut ``box`` out of ``image`` and ``mask`` and resample both to ``out_size`` square.
-
-    Image: bicubic with antialias (down- or up-scaling: this is also the upscale path for
-    images smaller than the model), edge-replicated outside the image. Mask: zero (keep)
-    outside the image, ``nearest-exact`` (bilinear for ``soft_mask``).
-    """
-    img = _resize_image(_window(image, box, "replicate"), out_size, value_range)
-    m = resize_mask(_window(mask.float(), box, "constant"), out_size, out_size, soft=soft_mask)
-    return img, m
-
-
-def stitch_weight(mask: torch.Tensor, feather: int = 0) -> torch.Tensor:
-    """Paste weight from a full-resolution mask: the mask itself, or with ``feather`` > 0 a
-    ramp *inside* the mask (``min(m, blur(erode(m, f), f))``), so the weight is 0 everywhere
-    the mask is 0 and nothing outside the mask can change."""
-    if feather <= 0:
-        return mask
-    return torch.minimum(mask, blur_mask(erode_mask(mask, feather), feather))
-
-
-def stitch_back(full: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor, box: CropBox,
-                feather: int = 0, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-    """Put an edited crop (``(B, C, s, s)``, any ``s``) back into the full image.
-
-    ``edited`` is resized to the window (bicubic, antialias), and composited with weight
-    :func:`stitch_weight` of the full-resolution ``mask``. Every pixel whose weight is 0 (all
-    of the background) is copied from ``full`` unchanged, byte for byte. Returns
-    ``(B, C, H, W)``; ``full`` and ``mask`` may have batch 1.
-    """
-    h, w = full.shape[-2:]
-    if (box.image_height, box.image_width) != (h, w):
-        raise ValueError(f"crop box was planned for {(box.image_height, box.image_width)}, image is {(h, w)}")
-    weight = stitch_weight(mask.float(), feather).to(full.dtype)
-    t, l, b, r = box.inside()
-    outside = weight.clone()
-    outside[..., t:b, l:r] = 0
-    if bool((outside > 0).any()):
-        raise ValueError("the mask reaches outside the crop box; plan the box from this mask")
-    patch = _resize_image(edited.to(full.dtype), box.size, value_range)
-    patch = patch[..., t - box.top:b - box.top, l - box.left:r - box.left]
-    batch = max(full.shape[0], edited.shape[0], weight.shape[0])
-    out = full.expand(batch, *full.shape[1:]).clone()
-    region = out[..., t:b, l:r]
-    wr = weight[..., t:b, l:r]
-    out[..., t:b, l:r] = torch.where(wr > 0, region * (1 - wr) + patch * wr, region)
-    return out
+    def finalize(self, x0: torch.Tensor) -> torch.Tensor:
+        return enforce_background(x0, self.source, self.mask) if self.blend.enforce_background else x0

@@ -23,9 +23,9 @@ from typing import Any, Literal, Optional
 import torch
 
 from .cutouts import FAITHFUL_TRANSLATE, AugmentParams, AugmentSettings, make_cutouts
-from ..diffusion.guidance import StepContext
+from ..diffusion.guidance import StepContext, noise_mixed_input
 from ..diffusion.schedule import DiffusionSchedule
-from ..diffuseit.dino_losses import RangeLoss
+from ..diffusion.range import RangeLoss
 
 # --------------------------------------------------------------------------- functional pieces
 
@@ -50,28 +50,6 @@ def clip_normalize(pixels01: torch.Tensor, clip: Any) -> torch.Tensor:
     mean = torch.as_tensor(clip.mean, dtype=pixels01.dtype, device=pixels01.device).view(1, -1, 1, 1)
     std = torch.as_tensor(clip.std, dtype=pixels01.dtype, device=pixels01.device).view(1, -1, 1, 1)
     return (pixels01 - mean) / std
-
-
-def guidance_input(pred_x0: torch.Tensor, x_t: torch.Tensor, schedule: DiffusionSchedule,
-                   t_index: torch.Tensor) -> torch.Tensor:
-    """``x_in = x0_hat * fac + x_t * (1 - fac)``, ``fac = sqrt(1 - abar_i)`` (spec 5.4 step 3).
-
-    Both factors are formed in float64 and rounded once, like upstream's numpy scalars.
-    Upstream takes ``fac`` from the first batch element; here it is per sample (identical
-    when the batch shares its step, as it always does in the sampler).
-    """
-    fac64 = schedule.sqrt_one_minus_alphas_cumprod.to(t_index.device)[t_index]
-    shape = (-1,) + (1,) * (x_t.dim() - 1)
-    fac = fac64.to(x_t.dtype).view(shape)
-    keep = (1 - fac64).to(x_t.dtype).view(shape)
-    return pred_x0 * fac + x_t * keep
-
-
-def unscale_timestep(t: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """Upstream's original-to-respaced conversion in ``cond_fn``: ``floor(t * N / 1000)``
-    (spec 5.4 step 1). Exact for N dividing 1000 (e.g. the default 100); for other N (e.g. 55)
-    it can give ``i - 1``: an upstream quirk a faithful sampler may reproduce."""
-    return torch.floor(t.to(torch.float64) * num_steps / 1000).long()
 
 
 def masked_clip_distances(x_in: torch.Tensor, mask: torch.Tensor, clip: Any, text_embed: torch.Tensor,
@@ -114,10 +92,10 @@ def background_l2(background: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 def edit_mask(mask: Optional[torch.Tensor], ctx: StepContext) -> torch.Tensor:
     """The term's own mask, or (``mask=None``) the one the sampler's background blend published in
-    ``ctx.extras["blend_mask"]``: in a graph the mask is wired once, into Background Blend."""
+    ``ctx.blend_mask``: in a graph the mask is wired once, into Background Blend."""
     if mask is not None:
         return mask
-    published = ctx.extras.get("blend_mask")
+    published = ctx.blend_mask
     if published is None:
         raise ValueError("this masked loss has no mask: give it one, or use it together with a Background Blend "
                          "(whose mask it then follows)")
@@ -136,14 +114,14 @@ class _PreparedMaskedCLIP:
         if self.text_embed is None or term.lambda_clip == 0:
             # upstream: an empty prompt makes cond_fn return zeros
             return predicted_x0.new_zeros(predicted_x0.shape[0])
-        x_in = guidance_input(predicted_x0, ctx.x_t, ctx.schedule, ctx.t_index) if term.mix_noisy_input \
+        x_in = noise_mixed_input(predicted_x0, ctx) if term.mix_noisy_input \
             else predicted_x0
         mask = edit_mask(term.mask, ctx).to(device=x_in.device, dtype=x_in.dtype)
-        generator = ctx.extras.get("cutout_generator", self.generator)
+        generator = ctx.generators if ctx.generators is not None else self.generator
         loss, _, params = masked_clip_distances(
             x_in, mask, term.clip, self.text_embed.to(x_in.device), term.settings, term.cut_size,
-            generator, ctx.extras.get("cutout_params"))
-        ctx.extras[f"{self.name}.params"] = params
+            generator, ctx.replay.cutout_params)
+        ctx.state.cutout_params[self.name] = params
         return loss * term.lambda_clip
 
 
@@ -154,9 +132,9 @@ class MaskedCLIPLoss:
     ``mask`` is ``(1 or B, 1, H, W)`` at model resolution, 1 = edit. ``n_cuts`` cutouts (1 plain
     + ``n_cuts - 1`` warped) at ``cut_size`` (default ``clip.image_size``); ``translate`` is the
     cutouts' (x, y) shift range, upstream's vertical-only quirk by default. Random warps come
-    from ``ctx.extras["cutout_generator"]`` if the sampler sets it, else a generator seeded
-    with ``seed``, else torch's global RNG (upstream). ``ctx.extras["cutout_params"]`` replays
-    recorded warps; the warps used are written back to ``ctx.extras[f"{name}.params"]``.
+    from the context's per-row ``generators`` if the sampler sets them, else a generator seeded
+    with ``seed``, else torch's global RNG (upstream). ``ctx.replay.cutout_params`` replays
+    recorded warps; the warps used are written to ``ctx.state.cutout_params[name]``.
     ``mix_noisy_input=False`` scores the plain x0 prediction instead of x_in (a deviation).
     An empty prompt contributes 0 (upstream returns a zero gradient for it).
     """
@@ -201,7 +179,7 @@ class _PreparedBackground:
 
     def __call__(self, predicted_x0: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         term = self.term
-        x_in = guidance_input(predicted_x0, ctx.x_t, ctx.schedule, ctx.t_index)
+        x_in = noise_mixed_input(predicted_x0, ctx)
         mask = edit_mask(term.mask, ctx).to(device=x_in.device, dtype=x_in.dtype)
         background = masked_background(x_in, mask)
         target = self.source.to(device=x_in.device, dtype=x_in.dtype)

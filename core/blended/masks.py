@@ -2,7 +2,7 @@
 
 Two paths:
 
-* the **PIL path** (:func:`load_image_pil`, :func:`load_mask_pil`) is upstream's, byte for
+* the **PIL path** (:func:`core.io.load_image_pil`, :func:`core.io.load_mask_pil`) is upstream's, byte for
   byte (spec 4.1, 4.2): LANCZOS resize of the image to a square (aspect ratio ignored), NEAREST
   resize of the mask when its size differs, every channel ``> 0.5`` on the 8-bit values (any
   non-zero value is "edit"), optional inversion, channel 0 (red) only;
@@ -31,79 +31,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 EDIT_THRESHOLD = 0.5 / 255.0  # "non-zero once quantised to 8 bits"
 
 
-# --------------------------------------------------------------------------- PIL path (exact)
-
-def load_image_pil(image: Image.Image, size: int = 256) -> torch.Tensor:
-    """Upstream source preprocessing (spec 4.1): RGB, LANCZOS to (size, size), [-1, 1], (1, 3, S, S)."""
-    rgb = image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-    return (pixels * 2 - 1).unsqueeze(0)
-
-
-def load_mask_pil(mask: Image.Image, size: int = 256, invert: bool = False) -> torch.Tensor:
-    """Upstream mask preprocessing (spec 4.2), shape (1, 1, S, S), values {0, 1}, 1 = edit.
-
-    NEAREST resize only when the size differs; each channel ``> 0.5`` on the 8-bit values
-    (so 1/255 counts), binarised to 0/255, ``255 - v`` when inverted, then only the red channel.
-    An all-zero result is returned as is (upstream does not reject it; see :func:`check_mask`).
-    """
-    rgb = mask.convert("RGB")
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
-    values = (np.array(rgb, dtype=np.uint8) > 0.5).astype(np.uint8) * 255
-    if invert:
-        values = 255 - values
-    tensor = torch.from_numpy(values).permute(2, 0, 1).float().div(255)
-    return tensor[:1].unsqueeze(0)
-
-
-def no_mask_like(image: torch.Tensor) -> torch.Tensor:
-    """Upstream's mask when none is given: all ones, shape of the image (spec 4.2)."""
-    return torch.ones_like(image)
-
-
 # --------------------------------------------------------------------------- tensor path
-
-def comfy_image_to_model(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE ``[B, H, W, C]`` (or ``[H, W, C]``) in [0, 1] -> ``(B, 3, H, W)`` in [-1, 1].
-
-    C = 1 (grayscale) is repeated to RGB; C = 4 (RGBA) drops alpha without compositing (ComfyUI
-    already hands the alpha over as the MASK of ``LoadImage``); C = 2 (gray + alpha) keeps gray.
-    Values are clamped to [0, 1] first. The input is never modified.
-    """
-    if image.dim() == 3:
-        image = image.unsqueeze(0)
-    if image.dim() != 4:
-        raise ValueError(f"IMAGE must be [B, H, W, C] or [H, W, C], got shape {tuple(image.shape)}")
-    channels = image.shape[-1]
-    if channels in (1, 2):
-        image = image[..., :1].expand(*image.shape[:-1], 3)
-    elif channels == 4:
-        image = image[..., :3]
-    elif channels != 3:
-        raise ValueError(f"IMAGE must have 1, 2, 3 or 4 channels (last dim), got {channels}")
-    return image.float().clamp(0, 1).movedim(-1, 1) * 2 - 1
-
-
-def model_to_comfy_image(x: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` in [-1, 1] -> ComfyUI IMAGE ``[B, H, W, 3]`` in [0, 1] (clamped)."""
-    return ((x + 1) / 2).clamp(0, 1).movedim(1, -1)
-
-
-def mask_from_image(image: torch.Tensor) -> torch.Tensor:
-    """An IMAGE used as a mask (``[B, H, W, C]``): channel 0, like upstream keeps the red channel."""
-    if image.dim() == 3:
-        image = image.unsqueeze(0)
-    return image[..., 0]
-
 
 def _as_nchw_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() == 2:

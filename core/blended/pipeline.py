@@ -1,73 +1,25 @@
 """Blended Diffusion (Avrahami et al., CVPR 2022) assembled from the core pieces.
 
-``BackgroundBlend`` is the value the sampler applies after every step (spec 5.3 step 6) and at the
-end (the ``enforce_background`` paste, spec 6). ``blended_edit`` is the script-level pipeline: any
+``blended_sample`` runs the guided sampler with a :class:`~.blending.BackgroundBlend` on crops
+around the mask (:mod:`.geometry`); ``blended_edit`` is the script-level pipeline: any
 image size (crop a square around the mask, edit at model resolution, stitch back with a feathered
 seam), many samples as batches, CLIP ranking.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
-from .blending import BLEND_MODES, blend_background, enforce_background, extract_crop, plan_crop, stitch_back
+from ..diffusion.batching import ProgressRelay, planned_steps, sample_many
+from ..diffusion.guided_loop import GuidedSamplerOptions
+from .blending import BLEND_MODES, BackgroundBlend
+from .geometry import extract_crop, plan_crop, stitch_back
 from .losses import blended_guidance
-from ..diffusion.guided_loop import GuidedSamplerOptions, ProgressRelay, planned_steps, sample_many
 from .masks import prepare_mask
 from .ranking import rank_results
-
-
-@dataclass(frozen=True, eq=False)
-class BackgroundBlend:
-    """Keep everything outside ``mask`` from the source (``mask`` (1 or rows, 1, H, W), 1 = edit).
-
-    ``mode``: ``official`` (source noised to the step's input level with fresh noise, upstream),
-    ``next_level`` (the output's level), ``fixed_noise`` (one noise for the whole run).
-    ``shared_noise``: upstream draws one background noise for the whole batch; off by default so a
-    batch equals serial runs (each row draws from its own stream).
-    ``enforce_background``: paste the source outside the mask into the final x0 (upstream default).
-    """
-
-    mask: torch.Tensor
-    mode: str = "official"
-    enforce_background: bool = True
-    shared_noise: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in BLEND_MODES:
-            raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {self.mode!r}")
-
-    def select(self, lo: int, hi: int) -> "BackgroundBlend":
-        """The rows lo:hi of a batch (a mask of batch 1 serves every row)."""
-        return self if self.mask.shape[0] == 1 else replace(self, mask=self.mask[lo:hi])
-
-    def prepare(self, source: torch.Tensor) -> "PreparedBlend":
-        return PreparedBlend(self, source.detach(), self.mask.to(source.device, source.dtype))
-
-
-@dataclass(eq=False)
-class PreparedBlend:
-    blend: BackgroundBlend
-    source: torch.Tensor
-    mask: torch.Tensor
-    fixed: Optional[torch.Tensor] = None
-
-    def after_step(self, x_prev: torch.Tensor, t_index: torch.Tensor, noise: Any, schedule: Any) -> torch.Tensor:
-        if self.blend.mode == "fixed_noise":
-            if self.fixed is None:
-                self.fixed = noise.randn(self.source.shape[1:], kind="background")
-            z = self.fixed
-        else:
-            z = noise.randn(self.source.shape[1:], kind="background")
-        if self.blend.shared_noise:
-            z = z[:1]
-        return blend_background(x_prev, self.source, self.mask, schedule, t_index, z, self.blend.mode)
-
-    def finalize(self, x0: torch.Tensor) -> torch.Tensor:
-        return enforce_background(x0, self.source, self.mask) if self.blend.enforce_background else x0
 
 
 @dataclass

@@ -202,23 +202,24 @@ class PreparedCLIPDirectional:
         """``lambda_clip * L_CLIP`` per sample, [B].
 
         The image is scored as given: upstream feeds CLIP the noise-mixed ``x_mix`` (§3.5 step 3),
-        which this term builds from ``ctx`` when ``noise_mix`` is on (the default). Random cuts use ``ctx.extras['generator']`` (a generator,
-        or one per row) when present. The unweighted loss is left in ``ctx.extras['clip_loss']``
-        (detached): upstream's ``loss_prev``, which sets the next call's contrastive weight (§3.5).
+        which this term builds from ``ctx`` when ``noise_mix`` is on (the default). Random cuts use the
+        context's per-row ``generators`` when present. The unweighted loss is left in
+        ``ctx.state.clip_loss`` (detached) and becomes the next call's ``clip_loss_prev``.
         """
-        extras = ctx.extras if ctx is not None else {}
         x = noise_mixed_input(predicted_x0, ctx) if (ctx is not None and self.term.noise_mix) else predicted_x0
-        loss = clip_text_loss(self.term.ensemble, x, self.targets, self.term.ncuts, extras.get("generator"))
+        generators = ctx.generators if ctx is not None else None
+        loss = clip_text_loss(self.term.ensemble, x, self.targets, self.term.ncuts, generators)
         if ctx is not None:
-            ctx.extras["clip_loss"] = loss.detach()
+            ctx.state.clip_loss = loss.detach()
             self.last_loss[0] = loss.detach()
         return self.term.lambda_clip * loss
 
     def before_step(self, ctx: StepContext) -> None:
         """Publish the previous call's unweighted loss (the source's at the first call) as
-        ``ctx.extras["clip_loss_prev"]``: upstream's ``loss_prev`` that sets the contrastive weight."""
+        ``ctx.state.clip_loss_prev``: upstream's ``loss_prev``, which sets the contrastive weight of
+        :class:`~core.diffuseit.dino_losses.DINOStructureLoss` (content regularisation, §3.5 step 1)."""
         previous = self.last_loss[0] if self.last_loss[0] is not None else self.source_loss
-        ctx.extras["clip_loss_prev"] = previous.to(ctx.x_t.device)
+        ctx.state.clip_loss_prev = previous.to(ctx.x_t.device)
 
 
 @dataclass(frozen=True)

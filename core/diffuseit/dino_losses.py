@@ -11,7 +11,7 @@ reference), then ``prepared(predicted_x0, ctx) -> Tensor[B]`` of *weighted* loss
 The ViT terms evaluate upstream's ``x_in`` (§3.5 steps 3 and 5): with ``noise_mix=True``
 (``--use_noise_aug_all``, both README presets) ``x_in = x0 * f_t + x_t * (1 - f_t)``,
 ``f_t = sqrt(1 - abar_t)``; otherwise ``x_in = x0``. Terms sharing an extractor and a step share
-one DINO forward (cached in ``ctx.extras``).
+one DINO forward (cached in ``ctx.state.dino_features``).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ..encoders.dino import DINOExtractor, DINOFeatures
-from ..diffusion.guidance import StepContext, noise_mixed_input  # noqa: F401 (re-exported)
+from ..diffusion.guidance import StepContext, noise_mixed_input
+from ..diffusion.schedule import upstream_timestep_index
 
 TAU = 0.07          # InfoNCE temperature, hard-coded upstream (§4.2)
 DIAGONAL_LOGIT = -10.0  # value written over the positive pair among the negatives (§4.2)
-_CACHE_KEY = "_dino_features"
 
 
 # --------------------------------------------------------------------------- pure losses
@@ -79,11 +79,6 @@ def dir_cls_loss(cls: torch.Tensor, prev_cls: torch.Tensor) -> torch.Tensor:
     return -cls_mse(cls, prev_cls)
 
 
-def range_loss(x: torch.Tensor) -> torch.Tensor:
-    """L_range per row, §4.6: ``mean_CHW (x - clamp(x, -1, 1))^2`` (applied to x0, not x_in)."""
-    return (x - x.clamp(-1.0, 1.0)).pow(2).flatten(1).mean(dim=1)
-
-
 def pixel_mse(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Pixel MSE to the style image per row, §4.7: ``mean_CHW (x - x_trg)^2``, both in [-1, 1]."""
     return (x - target).pow(2).flatten(1).mean(dim=1)
@@ -131,8 +126,8 @@ def frac_cont_schedule(loss_prev: Union[float, torch.Tensor], use_prog_contrast:
 
     1.0; 0.5 if ``use_prog_contrast`` and ``loss_prev > -0.5`` (the upstream ``elif > -0.4 ->
     0.25`` is unreachable and omitted); 2.0 if ``regularize_content`` and ``loss_prev < -0.5``.
-    A tensor ``loss_prev`` (one per row) gives a per-row tensor. Put the result in
-    ``ctx.extras["frac_cont"]`` for :class:`DINOStructureLoss`.
+    A tensor ``loss_prev`` (one per row) gives a per-row tensor. :class:`DINOStructureLoss` applies
+    it to ``ctx.state.clip_loss_prev``.
     """
     if isinstance(loss_prev, torch.Tensor):
         frac = torch.ones_like(loss_prev, dtype=torch.float32)
@@ -149,19 +144,12 @@ def frac_cont_schedule(loss_prev: Union[float, torch.Tensor], use_prog_contrast:
     return frac_f
 
 
-def upstream_timestep_index(t: torch.Tensor, num_steps: int, diffusion_steps: int = 1000) -> torch.Tensor:
-    """Upstream's round trip original timestep -> respaced index, ``floor(m_t * T' / 1000)``
-    (§3.5, §9.2); off by one at some steps for e.g. 150/300 respacing."""
-    return torch.floor(t.to(torch.float64) * num_steps / diffusion_steps).to(torch.int64)
-
-
 def _features(extractor: DINOExtractor, predicted_x0: torch.Tensor, ctx: StepContext,
               noise_mix: bool) -> tuple[torch.Tensor, DINOFeatures]:
     """(x_in, features of x_in), computed once per step and shared by all terms using the same
     extractor and input rule (upstream runs a DINO forward per loss term, §8). The entry is
-    recognised by the identity of this step's x0 and x_t, so ``ctx.extras`` may persist across
-    steps; only the latest step's entry is kept."""
-    cache = ctx.extras.setdefault(_CACHE_KEY, {})
+    recognised by the identity of this step's x0 and x_t; only the latest step's entry is kept."""
+    cache = ctx.state.dino_features
     key = (id(extractor), noise_mix)
     hit = cache.get(key)
     if hit is not None and hit[0] is predicted_x0 and hit[1] is ctx.x_t:
@@ -196,10 +184,11 @@ class _PreparedStructure:
         b = feats.keys.shape[0]
         ssim = global_ssim_loss(feats.keys, _rows(self.source_sim, b))
         contra = contrastive_patch_loss(feats.keys, _rows(self.source_keys, b), t.tau)
-        if "frac_cont" in ctx.extras:
-            frac_value = ctx.extras["frac_cont"]
-        elif (t.use_prog_contrast or t.regularize_content) and "clip_loss_prev" in ctx.extras:
-            frac_value = frac_cont_schedule(ctx.extras["clip_loss_prev"], t.use_prog_contrast, t.regularize_content)
+        clip_loss_prev = ctx.state.clip_loss_prev  # written by the CLIP directional term before each step
+        if ctx.replay.frac_cont is not None:
+            frac_value = ctx.replay.frac_cont
+        elif (t.use_prog_contrast or t.regularize_content) and clip_loss_prev is not None:
+            frac_value = frac_cont_schedule(clip_loss_prev, t.use_prog_contrast, t.regularize_content)
         else:
             frac_value = t.frac_cont
         frac = _per_row(frac_value, contra)
@@ -212,10 +201,11 @@ class DINOStructureLoss:
 
     Defaults are upstream's (1000 / 200, both presets). ``frac_cont`` is the text-mode contrastive
     schedule (§3.5 step 1): with ``use_prog_contrast`` / ``regularize_content`` it follows the CLIP
-    term's previous loss (``ctx.extras["clip_loss_prev"]``, published before each step by
-    :class:`~core.diffuseit.clip_direction.CLIPDirectionalLoss`) through :func:`frac_cont_schedule`; a per-step
-    value in ``ctx.extras["frac_cont"]`` (float or Tensor[B]) overrides both. The source keys and their
-    self-similarity are computed once in ``prepare``.
+    term's previous loss through :func:`frac_cont_schedule`. That is the one coupling between terms:
+    :class:`~core.diffuseit.clip_direction.CLIPDirectionalLoss` writes ``ctx.state.clip_loss_prev``
+    before each step and this term reads it (without a CLIP term in the guidance the weight stays
+    ``frac_cont``). ``ctx.replay.frac_cont`` (float or Tensor[B]) overrides both. The source keys and
+    their self-similarity are computed once in ``prepare``.
     """
 
     extractor: DINOExtractor
@@ -285,7 +275,7 @@ class _PreparedDivergence:
 
     def _reference_cls(self, ctx: StepContext, batch: int) -> torch.Tensor:
         t = self.term
-        prev = ctx.extras.get("prev_vit_input")
+        prev = ctx.replay.prev_vit_input
         if prev is None and t.prev_source == "prev_x0":
             prev = ctx.prev_x0 if ctx.prev_x0 is not None else self.source
         if prev is None:
@@ -319,7 +309,7 @@ class SemanticDivergence:
     Reference ("prev", §9.6): upstream diverges from the previous guidance call's ``x_in``
     (noise-mixed), the source at the first call. The prepared term tracks this itself (it keeps
     the [CLS] of its last ``x_in``), so it must be called exactly once per guided call, in order
-    (resampling repeats included). ``ctx.extras["prev_vit_input"]`` (an image batch) overrides the
+    (resampling repeats included). ``ctx.replay.prev_vit_input`` (an image batch) overrides the
     reference; ``prev_source="prev_x0"`` uses ``ctx.prev_x0`` instead (a paper-style variant).
     """
 
@@ -333,23 +323,3 @@ class SemanticDivergence:
 
     def prepare(self, source: torch.Tensor) -> _PreparedDivergence:
         return _PreparedDivergence(self, source)
-
-
-class _PreparedRange:
-    def __init__(self, term: "RangeLoss") -> None:
-        self.name, self.weight = term.name, term.weight
-
-    def __call__(self, predicted_x0: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.weight * range_loss(predicted_x0)
-
-
-@dataclass(frozen=True)
-class RangeLoss:
-    """``weight * L_range`` on x0 (never the noise-mixed input), §4.6; upstream weight 200.
-    Upstream's restart threshold (§3.6) applies to this weighted value."""
-
-    weight: float = 200.0
-    name: str = "range"
-
-    def prepare(self, source: torch.Tensor) -> _PreparedRange:
-        return _PreparedRange(self)

@@ -13,10 +13,11 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .clip_direction import CLIPDirectionalLoss
-from ..diffusion.guided_loop import GuidedResult, GuidedSamplerOptions, sample_many
-from .dino_losses import DINOStructureLoss, DINOStyleLoss, RangeLoss, SemanticDivergence
+from ..diffusion.batching import sample_many
+from ..diffusion.guided_loop import GuidedResult, GuidedSamplerOptions
+from ..diffusion.range import RESTART_THRESHOLD, RangeLoss
+from .dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
-RESTART_THRESHOLD = 0.01  # upstream's flag on the lambda-weighted range loss (ImageNet; FFHQ uses 0.1)
 
 
 @dataclass(frozen=True)

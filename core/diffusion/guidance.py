@@ -20,11 +20,46 @@ upstream reduction mixes the batch, the term documents how it reproduces it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch
 
 from .schedule import DiffusionSchedule
+
+
+@dataclass
+class StepState:
+    """What guidance terms hand each other, for the whole of one run (the sampler creates one and never
+    reads it). Every field names its one writer and its readers, so a coupling between two terms is
+    visible in both of them and here.
+    """
+
+    clip_loss_prev: Optional[torch.Tensor] = None
+    """Upstream's ``loss_prev`` (diffuseit_spec §3.5 step 1), per row. Writer:
+    :meth:`CLIPDirectionalLoss <core.diffuseit.clip_direction.PreparedCLIPDirectional.before_step>`
+    before each step (its previous call's unweighted loss; the source's at the first call). Reader:
+    :class:`~core.diffuseit.dino_losses.DINOStructureLoss` with ``regularize_content`` /
+    ``use_prog_contrast``, whose contrastive weight follows it."""
+    clip_loss: Optional[torch.Tensor] = None
+    """Writer: the CLIP directional term, this call's unweighted loss (detached). Readers: inspection."""
+    dino_features: dict = field(default_factory=dict)
+    """Writers and readers: the DINO terms, which share one DINO forward of this step's input
+    (keyed by extractor and input rule; only the latest step is kept)."""
+    cutout_params: dict = field(default_factory=dict)
+    """Writer: each masked CLIP term, the warps it drew this step, by term name. Readers: inspection."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Recorded values that replace what terms would compute themselves: how the fixture tests
+    and the bench's upstream-structure baseline reproduce a recorded official run."""
+
+    frac_cont: Any = None
+    """DINOStructureLoss's contrastive weight (float or Tensor[B]) instead of its schedule."""
+    prev_vit_input: Optional[torch.Tensor] = None
+    """SemanticDivergence's reference image batch instead of its own previous input."""
+    cutout_params: Any = None
+    """MaskedCLIPLoss's cutout warps (``AugmentParams``) instead of fresh draws."""
 
 
 @dataclass
@@ -36,6 +71,10 @@ class StepContext:
     is taken against (it requires grad). ``prev_x0`` is the previous step's detached x0 prediction
     (None at the first guided step). ``source`` is the (batch-expanded) source image in [-1, 1].
     ``step`` counts guided steps taken so far in this run (resampling repeats included).
+    ``generators``: one CPU generator per row for random augmentations (CLIP cuts, cutouts), so a
+    row's draws depend on its own seed only (the sampler's choice); a single generator serves the
+    whole batch; None = the term's own seed or torch's global RNG.
+    ``blend_mask``: the Background Blend's mask, followed by masked terms that have none of their own.
     """
 
     t_index: torch.Tensor
@@ -45,7 +84,10 @@ class StepContext:
     source: torch.Tensor
     prev_x0: Optional[torch.Tensor] = None
     step: int = 0
-    extras: dict = field(default_factory=dict)
+    generators: Union[torch.Generator, Sequence[torch.Generator], None] = None
+    blend_mask: Optional[torch.Tensor] = None
+    state: StepState = field(default_factory=StepState)
+    replay: Replay = Replay()
 
     @property
     def num_steps(self) -> int:

@@ -14,20 +14,17 @@ equals N serial runs with seeds seed, seed+1, ...
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .guidance import StepContext
-from .sampling import NoiseSource, ddim_step, ddpm_step, model_output
 from ..devices import to_device
+from .finite_watch import FiniteWatch
+from .guidance import StepContext, StepState
+from .range import rows_to_restart
+from .sampling import NoiseSource, ddim_step, ddpm_step, model_output
 from .schedule import DiffusionSchedule, MeanVariance, extract, p_mean_variance, q_sample
-
-
-class GuidanceError(RuntimeError):
-    """A guidance loss or its gradient stopped being finite."""
 
 
 @dataclass(frozen=True)
@@ -107,13 +104,12 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
     prepared = [term.prepare(source) for term in terms]
     blender = blend.prepare(source) if blend is not None else None
     top = steps[0][0]
-    state: dict = {}
-    if noise_source is None:
-        # per-row generators for random augmentations (CLIP cuts, cutouts): row b depends on seed + b only
-        state["generator"] = state["cutout_generator"] = [torch.Generator("cpu").manual_seed((int(seed) + b + 7919) % 2 ** 64)
-                                                          for b in range(batch)]
-    if blender is not None and getattr(blender, "mask", None) is not None:
-        state["blend_mask"] = blender.mask  # masked losses without a mask of their own follow the blend
+    state = StepState()
+    # per-row generators for random augmentations (CLIP cuts, cutouts): row b depends on seed + b only
+    generators = None if noise_source is not None else [
+        torch.Generator("cpu").manual_seed((int(seed) + b + 7919) % 2 ** 64) for b in range(batch)]
+    blend_mask = getattr(blender, "mask", None)  # masked losses without a mask of their own follow the blend
+    prev_x0: Optional[torch.Tensor] = None
 
     def start(rows: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:  # rows: CPU bool [B]
         eps = noise.randn(source.shape[1:], kind="start", rows=rows)
@@ -133,7 +129,8 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
         renoise_list = [p < len(steps) and steps[p][1] for p in position.tolist()]
         active, t_index = to_device(active_cpu, device), to_device(torch.tensor(t_list), device)
         ctx = StepContext(t_index=t_index, t=schedule.model_timesteps(t_index), x_t=x, schedule=schedule,
-                          source=source, prev_x0=state.get("prev_x0"), step=i, extras=state)
+                          source=source, prev_x0=prev_x0, step=i, generators=generators, blend_mask=blend_mask,
+                          state=state)
         mv, grad, per_term = guidance_gradient(unet, schedule, x, t_index, prepared, ctx, active,
                                                options.clip_denoised, y, learn_sigma)
         finite.record(per_term, grad, i, t_list[0])
@@ -152,7 +149,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
         keep = _rows(active, x)
         x = nxt * keep + x * (1 - keep)
         image = x0 * keep + image * (1 - keep)
-        state["prev_x0"] = x0
+        prev_x0 = x0
         for name, value in per_term.items():
             loss_log.setdefault(name, []).append(value.detach())
         position = position + active_cpu.long()
@@ -163,7 +160,8 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
                                  for t, a, n in zip(t_list, active_cpu.tolist(), restarts)))
         if restart_armed or i % FiniteWatch.every == FiniteWatch.every - 1:
             finite.check()  # a restart decision reads the losses back anyway; otherwise every few steps
-        restart = _restart_rows(per_term, options, t_list, top, active_cpu, restarts) if restart_armed else None
+        restart = rows_to_restart(per_term["range"], options.range_restart_threshold, t_list, top, active_cpu,
+                                  restarts, options.max_restarts) if restart_armed else None
         if restart is not None:
             x = start(restart, x)
             position = torch.where(restart, torch.zeros_like(position), position)
@@ -207,130 +205,3 @@ def guidance_gradient(unet: torch.nn.Module, schedule: DiffusionSchedule, x: tor
     return MeanVariance(*(v.detach() for v in mv)), grad, {k: v.detach() for k, v in per_term.items()}
 
 
-class FiniteWatch:
-    """Collects per-step "is every loss and the gradient finite" flags on the device and reads them
-    back every ``every`` steps (and at the end), so the step loop does not wait for the GPU each step.
-
-    A NaN is still reported with the first guided step and the term it appeared in; at most ``every``
-    steps run on after it.
-    """
-
-    every = 8
-
-    def __init__(self) -> None:
-        self.pending: list = []
-
-    def record(self, per_term: dict, grad: Optional[torch.Tensor], step: int, t_index: int) -> None:
-        flags = [torch.isfinite(v).all() for v in per_term.values()]
-        if grad is not None:
-            flags.append(torch.isfinite(grad).all())
-        if flags:
-            self.pending.append((step, t_index, list(per_term), torch.stack(flags)))
-
-    def check(self) -> None:
-        if not self.pending:
-            return
-        pending, self.pending = self.pending, []
-        ok = torch.stack([flags.all() for *_, flags in pending]).cpu()  # the one host sync
-        if bool(ok.all()):
-            return
-        step, t_index, names, flags = pending[int((~ok).nonzero()[0])]
-        flags = flags.cpu().tolist()
-        bad = [name for name, good in zip(names, flags) if not good]
-        what = f"loss term(s) {', '.join(bad)}" if bad else "the guidance gradient"
-        raise GuidanceError(f"{what} became NaN/inf at guided step {step} (respaced t={t_index}). "
-                            "Lower that term's weight, use fp32, or check the inputs (an all-black or constant "
-                            "image can make normalised features undefined).")
-
-
-def _restart_rows(per_term: dict, options: GuidedSamplerOptions, t_list: list, top: int,
-                  active: torch.Tensor, restarts: list) -> Optional[torch.Tensor]:
-    """DiffuseIT's range restart (spec 3.6): below the top step, a row whose range loss is too large starts
-    over. Returns the rows to restart as a CPU bool tensor, or None."""
-    range_loss = per_term["range"].detach().cpu()  # the decision needs the values on the host
-    over = (range_loss > options.range_restart_threshold) & (torch.tensor(t_list) < top) & active
-    over &= torch.tensor([n < options.max_restarts for n in restarts])
-    if not bool(over.any()):
-        return None
-    for b in over.nonzero().flatten().tolist():
-        restarts[b] += 1
-    return over
-
-
-def sample_many(unet: torch.nn.Module, schedule: DiffusionSchedule, sources: torch.Tensor, terms: Sequence[Any], *,
-                samples_per_image: int = 1, seed: int = 0, chunk_size: int = 0,
-                options: GuidedSamplerOptions = GuidedSamplerOptions(), blend: Any = None,
-                callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True) -> GuidedResult:
-    """Run several source images x several samples as batches (instead of upstream's serial loop).
-
-    Rows are image-major (all samples of image 0, then image 1, ...) and row r uses seed + r, so the
-    result does not depend on ``chunk_size`` (0 = everything in one batch). The callback's ``i`` and
-    ``total`` count steps over all chunks.
-    """
-    if samples_per_image < 1:
-        raise ValueError(f"samples_per_image must be >= 1, got {samples_per_image}")
-    rows = sources.repeat_interleave(samples_per_image, dim=0)
-    if chunk_size > 0 and chunk_size < rows.shape[0]:
-        for value in list(terms) + ([blend] if blend is not None else []):
-            _check_rows(value, rows.shape[0])
-    n = rows.shape[0]
-    chunk = n if chunk_size <= 0 else min(chunk_size, n)
-    chunks = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    images, samples, restarts = [], [], []
-    relay = ProgressRelay(callback, runs=len(chunks), steps_per_run=len(program(schedule, options)))
-    for lo, hi in chunks:
-        part_terms = [select_rows(term, lo, hi, n) for term in terms]
-        part_blend = select_rows(blend, lo, hi, n) if blend is not None else None
-        res = guided_sample(unet, schedule, rows[lo:hi], part_terms, seed=seed + lo, options=options, blend=part_blend,
-                            callback=relay.next_run(), learn_sigma=learn_sigma)
-        images.append(res.images)
-        samples.append(res.samples)
-        restarts.extend(res.restarts)
-    return GuidedResult(images=torch.cat(images), samples=torch.cat(samples), restarts=restarts)
-
-
-def planned_steps(schedule: DiffusionSchedule, options: GuidedSamplerOptions, rows: int, chunk_size: int = 0) -> int:
-    """Guided steps :func:`sample_many` will take for ``rows`` rows without restarts (chunks run one after another)."""
-    chunks = 1 if chunk_size <= 0 else -(-rows // chunk_size)
-    return len(program(schedule, options)) * chunks
-
-
-def select_rows(value: Any, lo: int, hi: int, n: int) -> Any:
-    """The part of a term/blend that serves rows lo:hi of n: its own ``select`` if it has one, else a
-    per-row ``mask`` field sliced (masks of batch 1 serve every row)."""
-    if hasattr(value, "select"):
-        return value.select(lo, hi)
-    mask = getattr(value, "mask", None)
-    if isinstance(mask, torch.Tensor) and mask.shape[0] == n and n > 1 and dataclasses.is_dataclass(value):
-        return dataclasses.replace(value, mask=mask[lo:hi])
-    return value
-
-
-def _check_rows(value: Any, n: int) -> None:
-    mask = getattr(value, "mask", None)
-    if isinstance(mask, torch.Tensor) and mask.shape[0] not in (1, n):
-        raise ValueError(f"{type(value).__name__}.mask has batch {mask.shape[0]} but there are {n} sample rows; "
-                         "give one mask, or one per row (images x samples)")
-
-
-class ProgressRelay:
-    """Turns the per-run ``{i, total}`` of several consecutive runs into one running count.
-
-    ``total`` = steps already taken + the current run's own total + the planned steps of the runs still
-    to come, so a progress bar ends exactly full even when range restarts lengthen a run.
-    """
-
-    def __init__(self, callback: Optional[Callable[[dict], None]], runs: int, steps_per_run: int):
-        self.callback, self.left, self.steps_per_run = callback, runs, steps_per_run
-        self.done = 0
-
-    def next_run(self) -> Callable[[dict], None]:
-        self.left -= 1
-        base = self.done
-
-        def relay(info: dict) -> None:
-            self.done = base + info["i"] + 1
-            if self.callback is not None:
-                self.callback(dict(info, i=base + info["i"], total=base + info["total"] + self.left * self.steps_per_run))
-
-        return relay

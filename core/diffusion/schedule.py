@@ -155,6 +155,14 @@ class DiffusionSchedule:
 _DEVICE_COPIES: dict[int, dict] = {}
 
 
+def upstream_timestep_index(t: torch.Tensor, num_steps: int, diffusion_steps: int = 1000) -> torch.Tensor:
+    """Both official codes' round trip from the original timestep the UNet saw back to the respaced
+    index inside ``cond_fn``: ``floor(t * N / T)`` (diffuseit_spec §3.5, §9.2; blended_diffusion_spec
+    5.4 step 1). Exact when N divides T (e.g. the default 100); for other N (e.g. 55, 150) it can give
+    ``i - 1``, an upstream quirk a faithful term may reproduce."""
+    return torch.floor(t.to(torch.float64) * num_steps / diffusion_steps).to(torch.int64)
+
+
 def on_device(array: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``array`` on ``device``, copied at most once per (array, device)."""
     if array.device == device:
