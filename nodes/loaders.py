@@ -36,8 +36,15 @@ class LoadDDPM(io.ComfyNode):
                                        "--fp16-unet/--bf16-unet/--force-fp32 flags; norms and embeddings stay fp32."),
                 io.String.Input("overrides", default="", optional=True,
                                 tooltip="guided-diffusion flags the file's shapes cannot tell, comma separated, "
-                                        "e.g. 'num_head_channels=64, noise_schedule=linear'. Empty = the preset "
-                                        "of the published file."),
+                                        "e.g. 'num_heads=4' or 'num_head_channels=64, noise_schedule=cosine'. They "
+                                        "mean what they mean in guided-diffusion: a flag left out comes from the "
+                                        "published file's preset, else guided-diffusion's default, and any head "
+                                        "flag (num_heads, num_head_channels, num_heads_upsample) sets the whole "
+                                        "head layout, so 'num_heads=4' alone gives 4 heads (num_head_channels=-1). "
+                                        "Empty = the preset of the published file; a file with no preset is "
+                                        "assumed to use num_head_channels=64 (the published models' layout, logged "
+                                        "in the console) -- pass num_heads=... or num_head_channels=... if it was "
+                                        "trained otherwise."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute the UNet's activations during the guidance backward instead of "
                                          "keeping them: about 55% less memory per guided step for about 25% more "

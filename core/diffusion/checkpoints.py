@@ -3,22 +3,33 @@
 The UNet's architecture is read off the state dict (widths, levels, residual blocks, attention
 placement, class embedding, learned sigma, scale-shift norm, resblock up/down). Three facts leave
 no trace in the shapes -- heads vs head width, legacy vs new attention order, the noise schedule --
-and come from presets for the published files (matched by file name, then by architecture), and
-can always be overridden with guided-diffusion's own flag names.
+and come from presets for the published files (matched by file name, then by architecture).
+
+Overrides are guided-diffusion's command-line flags and mean what they mean there: each flag
+passed wins; a flag not passed comes from the file's preset, else from upstream's
+``model_and_diffusion_defaults()``. The head layout is one unit: passing any of ``num_heads``,
+``num_head_channels``, ``num_heads_upsample`` builds exactly what ``create_model`` builds from those
+flags and upstream's defaults for the others (so ``num_heads=4`` alone means 4 heads, because
+upstream's ``num_head_channels`` defaults to -1), never a mix with a preset's head width. A file
+with neither a preset nor a head flag is assumed to use ``num_head_channels=64`` and a log line
+says so (see ``ASSUMED_HEAD_LAYOUT``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
 from .schedule import DiffusionSchedule, Spacing
 from .unet import UNetConfig, UNetModel
+
+logger = logging.getLogger(__name__)
 
 MODEL_FOLDER = "models/guided_diffusion"
 BASE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
@@ -45,8 +56,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # upstream's default channel_mult per image size; used to guess the size of an unknown file
 _SIZE_BY_MULT = {(0.5, 1, 1, 2, 2, 4, 4): 512, (1, 1, 2, 2, 4, 4): 256, (1, 1, 2, 3, 4): 128, (1, 2, 3, 4): 64}
+# a renamed published file, recognised by (model_channels, channel_mult, num_res_blocks, attention_ds)
+_PUBLISHED_ARCHITECTURES = {
+    (192, (1, 2, 3, 4), 3, (2, 4, 8)): "64x64_diffusion.pt",
+    (256, (1, 1, 2, 3, 4), 2, (4, 8, 16)): "128x128_diffusion.pt",
+    (256, (1, 1, 2, 2, 4, 4), 2, (8, 16, 32)): "256x256_diffusion_uncond.pt",  # also 256x256_diffusion, LSUN
+    (256, (0.5, 1, 1, 2, 2, 4, 4), 2, (16, 32, 64)): "512x512_diffusion.pt",
+}
 _FLAG_NAMES = {"image_size", "num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order",
                "noise_schedule", "diffusion_steps", "learn_sigma", "class_cond"}
+HEAD_FLAGS = ("num_heads", "num_head_channels", "num_heads_upsample")
+# guided-diffusion's model_and_diffusion_defaults() for the flags the shapes cannot tell
+UPSTREAM_DEFAULTS: dict[str, Any] = dict(num_heads=4, num_head_channels=-1, num_heads_upsample=-1,
+                                         use_new_attention_order=False, noise_schedule="linear", diffusion_steps=1000)
+# The head layout of a file with no preset and no head flag. Every published 64/256/512 px model and
+# LSUN model, and the community models fine-tuned from them (the files these methods run on), use
+# 64-channel heads; only the 128 px model uses upstream's default of 4 heads. Assuming upstream's
+# default instead would silently miscompute a renamed or fine-tuned 256 px file.
+ASSUMED_HEAD_LAYOUT: dict[str, Any] = dict(num_head_channels=64)
+_HOW_TO_OVERRIDE = ("pass the flags the model was trained with, as guided-diffusion names them: num_heads=N "
+                    "(upstream's default layout: num_heads=4, num_head_channels=-1) or num_head_channels=N -- in "
+                    "the LoadDDPM node's overrides box, with --overrides on the command line, or as "
+                    "load_ddpm(path, num_heads=4)")
 
 
 class CheckpointError(ValueError):
@@ -131,7 +162,12 @@ def _describe_foreign(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
 
 
 def infer_unet_config(sd: Mapping[str, torch.Tensor], **flags: Any) -> UNetConfig:
-    """Read the architecture off a guided-diffusion state dict; ``flags`` fill in what shapes can't tell."""
+    """Read the architecture off a guided-diffusion state dict; ``flags`` fill in what shapes can't tell.
+
+    Flags not given take upstream's defaults (``UPSTREAM_DEFAULTS``); presets and the assumed head
+    layout of unknown files are applied by ``load_ddpm``, not here.
+    """
+    flags = {**UPSTREAM_DEFAULTS, **flags}
     model_channels = sd["time_embed.0.weight"].shape[1]
     in_channels = sd["input_blocks.0.0.weight"].shape[1]
     out_channels = sd["out.2.weight"].shape[0]
@@ -164,21 +200,80 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], **flags: Any) -> UNetConfi
         image_size=int(image_size), in_channels=in_channels, model_channels=model_channels,
         out_channels=out_channels, num_res_blocks=num_res_blocks, attention_ds=tuple(attention_ds),
         channel_mult=channel_mult, num_classes=None if label is None else label.shape[0],
-        num_heads=flags.get("num_heads", 4), num_head_channels=flags.get("num_head_channels", 64),
-        num_heads_upsample=flags.get("num_heads_upsample", -1), use_scale_shift_norm=scale_shift,
-        resblock_updown=updown, use_new_attention_order=flags.get("use_new_attention_order", False),
+        num_heads=int(flags["num_heads"]), num_head_channels=int(flags["num_head_channels"]),
+        num_heads_upsample=int(flags["num_heads_upsample"]), use_scale_shift_norm=scale_shift,
+        resblock_updown=updown, use_new_attention_order=bool(flags["use_new_attention_order"]),
     )
 
 
-def _preset_for(name: Optional[str], cfg: UNetConfig) -> dict[str, Any]:
+def _preset_for(name: Optional[str], cfg: UNetConfig) -> Optional[str]:
+    """The PRESETS entry for a file: by its name, else by the architecture of a published file."""
     if name and name in PRESETS:
-        return PRESETS[name]
-    # a renamed published file: recognise it by architecture
-    if cfg.model_channels == 192 and cfg.channel_mult == (1, 2, 3, 4):
-        return PRESETS["64x64_diffusion.pt"]
-    if cfg.model_channels == 256 and cfg.channel_mult == (1, 1, 2, 3, 4):
-        return PRESETS["128x128_diffusion.pt"]
-    return {}
+        return name
+    key = (cfg.model_channels, tuple(cfg.channel_mult), cfg.num_res_blocks, tuple(sorted(cfg.attention_ds)))
+    match = _PUBLISHED_ARCHITECTURES.get(key)
+    if match == "256x256_diffusion_uncond.pt" and cfg.num_classes is not None:
+        match = "256x256_diffusion.pt"
+    return match
+
+
+def resolve_flags(preset: Optional[str], overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The flags a file is built with, and the head layout that had to be assumed ({} if none).
+
+    An override wins; a flag not overridden comes from the preset, else upstream's default. The head
+    layout is taken whole from the first of: the overrides (with upstream's defaults for the head
+    flags not passed, as ``create_model`` would), the preset, ``ASSUMED_HEAD_LAYOUT``.
+    """
+    recorded = {k: v for k, v in PRESETS.get(preset or "", {}).items() if k in _FLAG_NAMES}
+    flags = {**UPSTREAM_DEFAULTS, **{k: v for k, v in recorded.items() if k not in HEAD_FLAGS}}
+    assumed: dict[str, Any] = {}
+    if any(k in overrides for k in HEAD_FLAGS):
+        pass  # the user's head flags on upstream's defaults
+    elif any(k in recorded for k in HEAD_FLAGS):
+        flags.update({k: v for k, v in recorded.items() if k in HEAD_FLAGS})
+    else:
+        assumed = dict(ASSUMED_HEAD_LAYOUT)
+        flags.update(assumed)
+    flags.update(overrides)
+    return flags, assumed
+
+
+def _check_heads(sd: Mapping[str, torch.Tensor], flags: Mapping[str, Any], origin: Callable[[str], str],
+                 where: str) -> None:
+    """Every attention layer's channels must split into whole heads, as upstream's AttentionBlock asserts."""
+    try:
+        nhc, heads, heads_up = (int(flags[k]) for k in ("num_head_channels", "num_heads", "num_heads_upsample"))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{where}: {', '.join(f'{k}={flags[k]!r}' for k in HEAD_FLAGS)}: head flags must be "
+                              "whole numbers") from None
+    for key, weight in sd.items():
+        if not key.endswith(".qkv.weight"):
+            continue
+        layer, channels = key[: -len(".qkv.weight")], weight.shape[1]
+        if nhc != -1:
+            name, value = "num_head_channels", nhc
+        elif layer.startswith("output_blocks.") and heads_up != -1:
+            name, value = "num_heads_upsample", heads_up
+        else:
+            name, value = "num_heads", heads
+        if value <= 0 or channels % value:
+            what = "head width" if name == "num_head_channels" else "head count"
+            raise CheckpointError(
+                f"{where}: {name}={value} ({origin(name)}) is not a possible {what}: attention layer {layer} has {channels} "
+                f"channels, which must split into whole heads (num_head_channels must divide the channels; "
+                f"with num_head_channels=-1, num_heads and num_heads_upsample must divide them). To fix it, "
+                + _HOW_TO_OVERRIDE + ".")
+
+
+def _check_shape_flags(cfg: UNetConfig, overrides: Mapping[str, Any], where: str) -> None:
+    """learn_sigma and class_cond are visible in the shapes; an override may only agree with them."""
+    seen = {"learn_sigma": cfg.out_channels == 2 * cfg.in_channels, "class_cond": cfg.num_classes is not None}
+    shown = {"learn_sigma": f"{cfg.out_channels} output channels",
+             "class_cond": "a class embedding" if cfg.num_classes is not None else "no class embedding"}
+    for flag, value in seen.items():
+        if flag in overrides and bool(overrides[flag]) != value:
+            raise CheckpointError(f"{where}: {flag}={overrides[flag]} contradicts the file, which has {shown[flag]} "
+                                  f"({flag}={value}); leave {flag} out, the shapes tell it")
 
 
 @dataclass
@@ -191,7 +286,9 @@ class DDPM:
     noise_schedule: str = "linear"
     learn_sigma: bool = True
     source: str = "<state dict>"
-    flags: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)  # the resolved guided-diffusion flags the model was built with
+    preset: Optional[str] = None  # the PRESETS entry that supplied flags (by file name or architecture)
+    assumed: dict = field(default_factory=dict)  # head layout assumed for lack of a preset or flag ({} if none)
 
     @property
     def image_size(self) -> int:
@@ -229,8 +326,10 @@ def load_ddpm(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *, dt
               device: Union[str, torch.device] = "cpu", **overrides: Any) -> DDPM:
     """Load a guided-diffusion UNet from a path (.pt/.pth/.safetensors) or a state dict.
 
-    ``overrides`` use guided-diffusion's flag names: image_size, num_heads, num_head_channels,
-    num_heads_upsample, use_new_attention_order, noise_schedule, diffusion_steps. The model is built
+    ``overrides`` are guided-diffusion's flags with their meaning there (see the module docstring):
+    image_size, num_heads, num_head_channels, num_heads_upsample, use_new_attention_order,
+    noise_schedule, diffusion_steps, and learn_sigma / class_cond (checked against the shapes).
+    ``load_ddpm(path, num_heads=4)`` builds what ``create_model(num_heads=4)`` builds. The model is built
     on the meta device and the file's tensors are assigned into it, so nothing is allocated twice;
     a state dict of meta tensors therefore checks a layout without any memory.
     """
@@ -259,8 +358,30 @@ def load_ddpm(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *, dt
             raise CheckpointError(f"{where} has {cfg.in_channels} input / {cfg.out_channels} output channels: "
                                   "super-resolution upsamplers and other variants are not supported; use a "
                                   "3-channel generator such as 256x256_diffusion_uncond.pt")
-        flags = {k: v for k, v in _preset_for(name, cfg).items() if k in _FLAG_NAMES}
-        flags.update(overrides)
+        _check_shape_flags(cfg, overrides, where)
+        preset = _preset_for(name, cfg)
+        flags, assumed = resolve_flags(preset, overrides)
+
+        def origin(flag: str) -> str:
+            if flag in overrides:
+                return "passed as an override"
+            if flag in assumed:
+                return ("assumed, as no preset matches this file by name or architecture and no head flag was "
+                        "given: the published models' head width")
+            if preset and flag in PRESETS[preset]:
+                return f"from the preset of {preset}"
+            return "guided-diffusion's default"
+
+        _check_heads(sd, flags, origin, where)
+        if assumed:
+            logger.warning(
+                "%s: no preset matches this file by name or architecture and no head flag was given, so "
+                "its attention heads were assumed to be %s (the layout of OpenAI's published 64/256/512 px "
+                "models; the file's shapes cannot tell). If it was trained with other head flags its "
+                "outputs will be wrong: %s.", where,
+                ", ".join(f"{k}={v}" for k, v in assumed.items()), _HOW_TO_OVERRIDE)
+        flags["image_size"] = int(flags.get("image_size") or cfg.image_size)  # else read off channel_mult
+        flags.update(learn_sigma=cfg.out_channels == 2 * cfg.in_channels, class_cond=cfg.num_classes is not None)
         cfg = infer_unet_config(sd, **flags)
         try:
             with torch.device("meta"):
@@ -279,9 +400,9 @@ def load_ddpm(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *, dt
             unet.to(device)
             if dtype != torch.float32:
                 unet.convert_body(dtype)
-    return DDPM(unet=unet, config=cfg, diffusion_steps=int(flags.get("diffusion_steps", 1000)),
-                noise_schedule=flags.get("noise_schedule", "linear"), learn_sigma=cfg.out_channels == 2 * cfg.in_channels,
-                source=where, flags=flags)
+    return DDPM(unet=unet, config=cfg, diffusion_steps=int(flags["diffusion_steps"]),
+                noise_schedule=flags["noise_schedule"], learn_sigma=flags["learn_sigma"],
+                source=where, flags=flags, preset=preset, assumed=assumed)
 
 
 def parse_flags(text: str) -> dict[str, Any]:
