@@ -8,6 +8,7 @@ from PIL import Image
 
 from bd_toys import fixture, fixture_json, readme_tolerances
 from core import masks
+from core.clip import ClipModel
 
 PRE = fixture("preprocess")
 META = fixture_json()["preprocess"]
@@ -65,9 +66,16 @@ def test_no_mask_is_all_ones_like_the_image():
     assert bool(mask.eq(1).all()) == META["no_mask_mask_all_ones"]
 
 
-def test_clip_tokens_of_open_clip_match_the_official_tokenizer():
-    open_clip = pytest.importorskip("open_clip")
-    tokens = open_clip.get_tokenizer("ViT-B-16")([fixture_json()["prompt"]])
+def test_clip_model_default_tokenizer_matches_the_official_tokenizer():
+    """ClipModel's default tokenizer (a wrapped module without its own) gives upstream's clip.tokenize ids."""
+    class Towers(torch.nn.Module):
+        def encode_image(self, x):
+            return x
+
+        def encode_text(self, tokens):
+            return tokens
+
+    tokens = ClipModel(Towers(), 224).tokenize([fixture_json()["prompt"]])
     assert torch.equal(tokens.long(), PRE["clip_tokens"])
 
 
