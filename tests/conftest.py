@@ -46,6 +46,19 @@ def float32_atol(reference: torch.Tensor, ulps: float) -> float:
     return ulps * EPS32 * reference.detach().abs().max().item()
 
 
+def readme_tolerance_row(group: str, row: str) -> list:
+    """The numbers (in e-notation) of the 'tolerance' cell of the row starting with ``row`` in the
+    table under the "## Tolerances" heading of ``tests/fixtures/<group>/README.md``."""
+    import re
+    with open(fixture_path(group, "README.md"), encoding="utf-8") as f:
+        text = f.read().split("\n## Tolerances", 1)[1]
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 3 and cells[0].startswith(row):
+                return [float(v) for v in re.findall(r"\d+(?:\.\d+)?e-?\d+", cells[1])]
+    raise KeyError(f"{group}/README.md has no tolerance row starting with {row!r}")
+
+
 # --- the official guided-diffusion reference (shared by the schedule, sampling and guided tests)
 
 @pytest.fixture(scope="session")

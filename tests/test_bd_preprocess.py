@@ -9,6 +9,7 @@ from PIL import Image
 from bd_toys import fixture, fixture_json, readme_tolerances
 from core import io
 from core.blended import masks
+from core.encoders.clip import ClipModel
 
 PRE = fixture("preprocess")
 META = fixture_json()["preprocess"]
@@ -59,9 +60,16 @@ def test_green_only_values_are_ignored_and_red_value_one_counts():
     assert torch.equal(pil_path, tensor_path[:, :height])
 
 
-def test_clip_tokens_of_open_clip_match_the_official_tokenizer():
-    open_clip = pytest.importorskip("open_clip")
-    tokens = open_clip.get_tokenizer("ViT-B-16")([fixture_json()["prompt"]])
+def test_clip_model_default_tokenizer_matches_the_official_tokenizer():
+    """ClipModel's default tokenizer (a wrapped module without its own) gives upstream's clip.tokenize ids."""
+    class Towers(torch.nn.Module):
+        def encode_image(self, x):
+            return x
+
+        def encode_text(self, tokens):
+            return tokens
+
+    tokens = ClipModel(Towers(), 224).tokenize([fixture_json()["prompt"]])
     assert torch.equal(tokens.long(), PRE["clip_tokens"])
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_close, fixture_path, load_json
+from conftest import assert_close, fixture_path, float32_atol, load_json
 from core import load_ddpm
 from core.blended.pipeline import BlendSpec, blended_edit, blended_sample
 from core.blended.losses import blended_guidance
@@ -66,7 +66,10 @@ def test_batch_equals_serial_with_clip_cutouts(ddpm, clip):
     mild = blended_guidance(clip, "a red ball", None, n_cuts=3, lambda_clip=20)
     both = blended_sample(ddpm, image, spec, mild, samples=2, seed=9, respacing="10", options=opts)
     serial = blended_sample(ddpm, image, spec, mild, samples=2, seed=9, respacing="10", options=opts, chunk_size=1)
-    assert_close(both.images, serial.images, 2e-3, what="batch of 2 vs serial")
+    # Relative to the images' scale (|x| up to ~208 with the random UNet and CLIP): measured 28 float32 eps
+    # x max|ref| with 2 threads, 87 eps (2.2e-3) with 1 thread; bound 512 eps (1.3e-2). Row 1 drawn from
+    # row 0's seed instead of seed + 1 moves it by O(1) and more.
+    assert_close(both.images, serial.images, float32_atol(serial.images, 512), rtol=0, what="batch of 2 vs serial")
 
 
 def test_soft_mask_blends_partially(ddpm, clip):

@@ -13,17 +13,17 @@ import pickle
 import warnings
 import zipfile
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import fixture_path, load_json
+from conftest import assert_close, fixture_path, float32_atol, load_json
 from core.encoders.clip import (ClipEnsemble, ClipLoadError, ClipModel, MissingClipWeightsError, MODEL_FOLDER,
                        OPENAI_ARCHIVE_METADATA, load_clip, read_clip_weights, read_torchscript_weights,
                        resolve_architecture, tiny_open_clip_config)
 from core.diffuseit.clip_direction import template_prompts
 
-open_clip = pytest.importorskip("open_clip")
 GLUE_CFG = load_json("diffuseit", "fixtures.json")["clip_glue"]
 
 
@@ -108,11 +108,16 @@ def test_gradient_checkpointing_same_gradient_fewer_saved_tensors(tmp_path, visi
     emb_plain, grad_plain, saved_plain = run()
     model.gradient_checkpointing = True
     emb_ckpt, grad_ckpt, saved_ckpt = run()
-    assert torch.equal(emb_ckpt, emb_plain)
-    assert torch.allclose(grad_ckpt, grad_plain, rtol=1e-5, atol=1e-7)
+    # Checkpointed vs plain: the same ops recomputed (measured identical here), defined to a few float32
+    # eps of each tensor's scale on other kernels: 16 eps x max|ref| (the resnet gradient's scale is
+    # ~1.6e-5, so a fixed atol would not see it at all). A tower recomputed on other pixels is O(1) off.
+    assert_close(emb_ckpt, emb_plain, float32_atol(emb_plain, 16), rtol=0, what="checkpointed embedding")
+    assert_close(grad_ckpt, grad_plain, float32_atol(grad_plain, 16), rtol=0, what="checkpointed gradient")
     assert saved_ckpt * 4 < saved_plain, (saved_ckpt, saved_plain)  # the tower's activations are not kept
     with torch.no_grad():  # no graph, nothing to checkpoint (no-grad attention may take a fused kernel)
-        assert torch.allclose(model.encode_image(model.normalize(x)), emb_plain, rtol=1e-5, atol=1e-6)
+        # fused vs unfused attention: measured up to 1.8 eps x max|ref|; bound 32 eps
+        assert_close(model.encode_image(model.normalize(x)), emb_plain, float32_atol(emb_plain, 32), rtol=0,
+                     what="no-grad embedding")
 
 
 def test_openai_torchscript_archive_is_read_without_running_it(tmp_path):

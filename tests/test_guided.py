@@ -62,8 +62,11 @@ def test_single_pass_gradient_matches_official(ref, unet):
                                          clip_denoised=entry["clip_denoised"])
     tol = ref["float64_shadow_vs_float32_reference"]["outputs"]["grad_pred_xstart.grad_x_t"]["recommended_atol_at_rtol_1e-5"]
     assert_close(-grad, t["grad_pred_xstart.grad_x_t"], tol, what="grad")  # cond_fn returns -d loss / d x_t
-    assert_close(mv.pred_xstart, t["p_mean_variance.noclip.pred_xstart"] if torch.equal(x, t["p_mean_variance.x_t"])
-                 else mv.pred_xstart, 1e-5)
+    # the gradient fixture's x_t and t are p_mean_variance's, so the x0 it was taken through is recorded too
+    assert torch.equal(x, t["p_mean_variance.x_t"]) and torch.equal(ti, t["p_mean_variance.t"])
+    x0_tol = ref["float64_shadow_vs_float32_reference"]["outputs"]["p_mean_variance.noclip.pred_xstart"]
+    assert_close(mv.pred_xstart, t["p_mean_variance.noclip.pred_xstart"], x0_tol["recommended_atol_at_rtol_1e-5"],
+                 what="pred_xstart")
     assert not mv.mean.requires_grad
 
 
@@ -91,7 +94,12 @@ def test_guidance_moves_the_result_and_batch_equals_serial(unet):
     again = guided_sample(unet, sched, source, [ToTarget()], seed=5, options=opts)
     assert torch.equal(again.images, guided.images)
     row1 = guided_sample(unet, sched, source[1:], [ToTarget()], seed=6, options=opts)
-    assert_close(row1.images[0], guided.images[1], 1e-4, what="batch row 1 vs serial seed+1")
+    # A batch of 2 vs a batch of 1: the UNet's convs and matmuls reassociate with the batch size, and the
+    # guided loop carries that round-off on; relative to the row's scale (|x| up to ~21 with the random
+    # UNet): measured 18 float32 eps x max|ref| (4.4e-5), bound 128 eps (3.1e-4). Row 1 drawn from
+    # row 0's seed instead of seed + 1 moves it by ~1.
+    assert_close(row1.images[0], guided.images[1], float32_atol(guided.images[1], 128), rtol=0,
+                 what="batch row 1 vs serial seed+1")
 
 
 def test_ddim_and_progress_callback(unet):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, fixture_path, load_json
+from conftest import ROOT, assert_close, fixture_path, float32_atol, load_json
 
 
 def node_list(module):
@@ -184,7 +184,9 @@ def test_gradient_checkpointing_inputs_change_memory_not_results(pack):
         (chain,) = _run(g.RangeLossNode, weight=50.0, guidance=chain)
         outs.append(_run(GuidedSampler, ddpm=ddpm, image=torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0)),
                          guidance=chain, respacing="10", skip_timesteps=6, resample_steps=1, seed=3, samples=1)[0])
-    assert torch.allclose(outs[0], outs[1], atol=1e-5), (outs[0] - outs[1]).abs().max()
+    # checkpointed vs plain UNet and CLIP towers: the same ops recomputed, measured identical on 1 and 2
+    # threads; bound 128 float32 eps x max|ref| (1.5e-5 on these [0, 1] images) for other kernels' round-off
+    assert_close(outs[1], outs[0], float32_atol(outs[0], 128), rtol=0, what="checkpointed vs plain")
 
 
 def test_blended_graph_keeps_background_and_ranks(pack):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_close, fixture_path, load_json
+from conftest import assert_close, fixture_path, float32_atol, load_json
 from core import load_ddpm
 
 GROUP = "guided_diffusion"
@@ -116,6 +116,9 @@ def test_gradient_checkpointing_same_gradient_fewer_saved_tensors(cfg):
     out_plain, grad_plain, saved_plain = run()
     ddpm.unet.gradient_checkpointing = True
     out_ckpt, grad_ckpt, saved_ckpt = run()
-    assert torch.equal(out_ckpt, out_plain)
-    assert torch.allclose(grad_ckpt, grad_plain, rtol=1e-5, atol=1e-6)
+    # Checkpointed vs plain: the same ops, recomputed in backward (measured identical here); still only
+    # defined to a few float32 eps of each tensor's scale on other kernels. 16 eps x max|ref|; one block
+    # skipped or recomputed at another timestep is O(1) off.
+    assert_close(out_ckpt, out_plain, float32_atol(out_plain, 16), rtol=0, what="checkpointed output")
+    assert_close(grad_ckpt, grad_plain, float32_atol(grad_plain, 16), rtol=0, what="checkpointed gradient")
     assert saved_ckpt * 4 < saved_plain, (saved_ckpt, saved_plain)  # block activations are recomputed, not kept

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import readme_tolerance_row
 from core.diffuseit.dino_losses import (DINOStructureLoss, DINOStyleLoss, SemanticDivergence, cls_mse,
                                         contrastive_patch_loss, dir_cls_loss, frac_cont_schedule, global_ssim_loss,
                                         loss_vit_forward, patch_nce_per_token, self_similarity)
@@ -28,13 +29,19 @@ VIT = JSON["vit_losses"]
 LAMBDAS = VIT["lambdas"]
 LOOP = JSON["loop_image_guided"]
 
-# Tolerances exist only in the fixture README ("Tolerances a re-implementation should meet").
-SELF_SIM_ATOL = 1e-5                     # self_sim.source
-PATCH_LOSS_ATOL = 1e-4                   # patch_loss_per_token
-LOSS_RTOL = 1e-5                         # loss values
-TOTAL_ATOL = 1e-3                        # ViT totals (Loss_vit.forward, ~3e3)
-GRAD_ATOL, GRAD_RTOL = 1e-7, 2e-4        # loss gradients: 1e-7 + 2e-4 max|ref|
-LOOP_RTOL = 2e-4                         # teacher-forced loop tensors: 2e-4 max|ref|
+# Tolerances exist only in the fixture README ("Tolerances a re-implementation should meet"); read there.
+(SELF_SIM_ATOL,) = readme_tolerance_row("diffuseit", "`self_sim.source`")
+(PATCH_LOSS_ATOL,) = readme_tolerance_row("diffuseit", "`patch_loss_per_token`")
+# loss values: rel 1e-5; ViT totals: abs 1e-3 at ~3e3, i.e. relative to the total's size (the totals run
+# 2.8e3..5.4e3, where one float32 step is 2.4e-4..4.9e-4; measured 0..1 step)
+LOSS_RTOL, TOTAL_ATOL, TOTAL_SCALE = readme_tolerance_row("diffuseit", "loss values")
+GRAD_ATOL, GRAD_RTOL = readme_tolerance_row("diffuseit", "loss gradients")   # 1e-7 + 2e-4 max|ref|
+(LOOP_RTOL,) = readme_tolerance_row("diffuseit", "loops, teacher-forced")     # 2e-4 max|ref|
+
+
+def total_atol(reference: float) -> float:
+    """The README's ViT-total bound, 1e-3 at ~3e3, scaled to the total at hand."""
+    return TOTAL_ATOL * max(1.0, abs(reference) / TOTAL_SCALE)
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +135,8 @@ def test_loss_vit_forward(ext: DINOExtractor, fx: dict, case: str) -> None:
         return total
 
     value, grad = _value_and_grad(fn, fx["image.output"])
-    assert abs(value.item() - c["loss_G"]) <= TOTAL_ATOL
-    assert abs(value.item() - fx[f"loss_vit_forward.{case}.value"].item()) <= TOTAL_ATOL
+    assert abs(value.item() - c["loss_G"]) <= total_atol(c["loss_G"])
+    assert abs(value.item() - fx[f"loss_vit_forward.{case}.value"].item()) <= total_atol(c["loss_G"])
     for name, ref in c["losses_val"].items():
         assert components[name].item() == pytest.approx(ref, rel=LOSS_RTOL), name
     assert ("loss_dir_cls" in components) == c["use_dir"]
@@ -167,7 +174,7 @@ def test_terms_reproduce_loss_vit_forward(ext: DINOExtractor, fx: dict, schedule
         return sum(p(x0, ctx) for p in prepared)
 
     value, grad = _value_and_grad(fn, fx["image.output"])
-    assert abs(value.item() - c["loss_G"]) <= TOTAL_ATOL
+    assert abs(value.item() - c["loss_G"]) <= total_atol(c["loss_G"])
     _assert_grad(grad, fx[f"loss_vit_forward.{case}.grad_wrt_output"])
 
 
