@@ -16,6 +16,24 @@ if ROOT not in sys.path:
 torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def _skips_are_failures() -> bool:
+    """On CI (CI=true, as .ci/run is run) or with DIFFUSEIT_NO_SKIPS=1, nothing may skip silently."""
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get("DIFFUSEIT_NO_SKIPS") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip on CI is a failure unless its reason names an optional extra ("optional extra: ..."):
+    a test that silently checks nothing there would hide a regression."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and _skips_are_failures():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "optional extra" not in reason:
+            report.outcome = "failed"
+            report.longrepr = f"skipped on CI without naming an optional extra (tests/conftest.py): {reason}"
+
+
 def fixture_path(group: str, name: str) -> str:
     return os.path.join(FIXTURES, group, name)
 
