@@ -73,15 +73,36 @@ def test_batch_equals_serial_with_clip_cutouts(ddpm, clip):
 
 
 def test_soft_mask_blends_partially(ddpm, clip):
-    image, mask = image_and_mask(32, 32)
-    soft = mask * 0.5
-    spec = BlendSpec(soft, soft=True, enforce_background=True)
-    res = blended_sample(ddpm, image, spec, (), samples=1, seed=1, respacing="10",
-                         options=GuidedSamplerOptions(skip_timesteps=5))
+    """A 0.5 mask stays 0.5 all along the path (mask prep, crop, per-step blend, final paste, stitch-back):
+    each stage is checked against the linear blend it must do, so a mask binarised anywhere fails."""
+    image, mask = image_and_mask(32, 32)  # model size: the crop is the whole image, no resampling
+    opts = GuidedSamplerOptions(skip_timesteps=5)
+
+    def run(m, soft):
+        steps = []
+        res = blended_sample(ddpm, image, BlendSpec(m, soft=soft, enforce_background=True), (), samples=1, seed=1,
+                             respacing="10", options=opts, callback=steps.append)
+        return res, steps
+
+    res, steps = run(mask * 0.5, soft=True)
     inside = mask.bool().expand_as(res.images)
-    # half-weight pixels are a mix: neither the source nor free
-    assert not torch.equal(res.images[inside], image.expand_as(res.images)[inside])
+    assert torch.equal(res.masks, mask * 0.5)  # the sampler's mask: not binarised by prepare_mask or the crop
+    # per-step blend, first step (its input does not depend on the mask): x = 0.5 sample + 0.5 background, where
+    # a full-weight mask gives the sample and the inverted mask the background (same seed, same draws)
+    x_edit, x_keep = run(mask, soft=False)[1][0]["x"], run(1 - mask, soft=False)[1][0]["x"]
+    blend = 0.5 * x_edit + 0.5 * x_keep
+    assert_close(steps[0]["x"][inside], blend[inside], float32_atol(blend, 8), rtol=0, what="soft per-step blend")
+    # final paste: edit = 0.5 source + 0.5 last x0; stitch-back at weight 0.5: image = 0.5 source + 0.5 edit
+    pasted = 0.5 * image + 0.5 * steps[-1]["predicted_x0"]
+    assert_close(res.edits[inside], pasted[inside], float32_atol(pasted, 8), rtol=0, what="soft final paste")
+    stitched = 0.5 * image + 0.5 * res.edits
+    assert_close(res.images[inside], stitched[inside], float32_atol(stitched, 8), rtol=0, what="soft stitch-back")
     assert torch.equal(res.images[~inside], image.expand_as(res.images)[~inside])
+    # an image of another size (the crop is resampled): the crop's mask keeps its grey values
+    big, big_mask = image_and_mask()
+    res = blended_sample(ddpm, big, BlendSpec(big_mask * 0.5, soft=True), (), samples=1, seed=1, respacing="10",
+                         options=opts)
+    assert ((res.masks - 0.5).abs() < 1e-6).any() and res.masks.max() <= 0.5 + 1e-6
 
 
 def test_bad_inputs(ddpm, clip):
