@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from core.guidance import StepContext
-from core.schedule import DiffusionSchedule
-from core.vit_losses import DINOStructureLoss, SemanticDivergence, frac_cont_schedule
+from core.diffusion.guidance import Replay, StepContext, StepState
+from core.diffusion.schedule import DiffusionSchedule
+from core.diffuseit.dino_losses import DINOStructureLoss, SemanticDivergence, frac_cont_schedule
 
 from test_vit_losses import LAMBDAS, LOOP, TOTAL_ATOL, VIT, ext, fx, schedule  # noqa: F401 (fixtures)
 
@@ -64,13 +64,14 @@ def _text_terms(ext, **schedule_flags):
 
 def _text_loss(ext, fx, schedule, loss_prev: torch.Tensor, **schedule_flags) -> torch.Tensor:
     """Structure + semantic divergence (t > diff_iter) on the fixture's output image, rows with their own
-    previous CLIP loss, the schedule driven by ``ctx.extras["clip_loss_prev"]`` (what the CLIP term publishes)."""
+    previous CLIP loss, the schedule driven by ``ctx.state.clip_loss_prev`` (what the CLIP term publishes)."""
     rows = loss_prev.shape[0]
     source, output = fx["image.source"].expand(rows, -1, -1, -1), fx["image.output"].expand(rows, -1, -1, -1)
     prepared = [term.prepare(source) for term in _text_terms(ext, **schedule_flags)]
     t_index = torch.full((rows,), next(e["t"] for e in LOOP["sequence"] if e["use_dir"]))
     ctx = StepContext(t_index=t_index, t=schedule.model_timesteps(t_index), x_t=output, schedule=schedule, source=source,
-                      extras={"prev_vit_input": fx["image.prev"].expand(rows, -1, -1, -1), "clip_loss_prev": loss_prev})
+                      state=StepState(clip_loss_prev=loss_prev),
+                      replay=Replay(prev_vit_input=fx["image.prev"].expand(rows, -1, -1, -1)))
     with torch.no_grad():
         return sum(p(output, ctx) for p in prepared)
 
@@ -111,9 +112,9 @@ def test_loss_prev_is_the_previous_calls_clip_loss(tmp_path):
     """Through the sampler: before every guided call (resampling repeats included) the CLIP term publishes the
     previous call's unweighted CLIP loss as clip_loss_prev -- the source's (ncuts 0) before the first call."""
     from core import load_ddpm
-    from core.clip import load_clip, tiny_open_clip_config
-    from core.clip_losses import CLIPDirectionalLoss, clip_text_loss
-    from core.guided import GuidedSamplerOptions, guided_sample
+    from core.encoders.clip import load_clip, tiny_open_clip_config
+    from core.diffuseit.clip_direction import CLIPDirectionalLoss, clip_text_loss
+    from core.diffusion.guided_loop import GuidedSamplerOptions, guided_sample
     from conftest import fixture_path, load_json
 
     kw = load_json("guided_diffusion", "tiny_unet_config.json")["create_model_kwargs"]
@@ -132,7 +133,7 @@ def test_loss_prev_is_the_previous_calls_clip_loss(tmp_path):
             return self
 
         def __call__(self, x0, ctx):  # runs after the CLIP term (term order) in each call
-            seen.append((ctx.extras["clip_loss_prev"].clone(), ctx.extras["clip_loss"].clone()))
+            seen.append((ctx.state.clip_loss_prev.clone(), ctx.state.clip_loss.clone()))
             return 0 * x0.flatten(1).sum(1)
 
     term = CLIPDirectionalLoss([clip], "Lion", "Black Leopard", lambda_clip=2000.0, ncuts=0)

@@ -42,12 +42,12 @@ def _image(h, w, seed):
 
 
 def _model(image):
-    from diffuseit_pack.core.images import to_model
+    from diffuseit_pack.core.io import to_model
     return to_model(image)
 
 
 def _from_model(x):
-    from diffuseit_pack.core.images import from_model
+    from diffuseit_pack.core.io import from_model
     return from_model(x)
 
 

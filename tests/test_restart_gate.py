@@ -1,6 +1,6 @@
 """DiffuseIT's range-restart gate (spec 3.5 step 11: restart when ``t < K`` and ``r > 0.01``).
 
-Pinned at exactly the threshold and one float32 step either side, both on ``_restart_rows`` and
+Pinned at exactly the threshold and one float32 step either side, both on ``rows_to_restart`` and
 through the sampler; and restarts happen only below the top step K (never during its resampling
 repeats). The threshold is a power of two so "exactly at it" is exact in float32 and float64.
 """
@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from core.guided import GuidedSamplerOptions, _restart_rows, guided_sample, program
-from core.schedule import DiffusionSchedule
+from core.diffusion.guided_loop import GuidedSamplerOptions, guided_sample, program
+from core.diffusion.range import rows_to_restart
+from core.diffusion.schedule import DiffusionSchedule
 
 THRESHOLD = 2.0 ** -7  # exactly representable; the gate's rule, not upstream's 0.01, is under test
 AT = torch.tensor(THRESHOLD, dtype=torch.float32)
@@ -24,18 +25,18 @@ def test_gate_is_strictly_greater_than_the_threshold_below_the_top_step():
     values = [BELOW, THRESHOLD, ABOVE, ABOVE, 1.0]
     t_list = [top - 1, top - 1, top - 1, top, 0]  # row 3: at the top step (resampling repeats): never restarts
     restarts = [0] * len(values)
-    rows = _restart_rows({"range": torch.tensor(values, dtype=torch.float32)}, opts, t_list, top,
-                         torch.ones(len(values), dtype=torch.bool), restarts)
+    rows = rows_to_restart(torch.tensor(values, dtype=torch.float32), opts.range_restart_threshold, t_list, top,
+                           torch.ones(len(values), dtype=torch.bool), restarts, opts.max_restarts)
     assert rows is not None
     assert rows.tolist() == [False, False, True, False, True]  # r > threshold and t < K
     assert restarts == [0, 0, 1, 0, 1]
     # exactly at the threshold everywhere: no restart at all
-    none = _restart_rows({"range": torch.full((3,), THRESHOLD)}, opts, [0, 1, 2], top, torch.ones(3, dtype=torch.bool),
-                         [0, 0, 0])
+    none = rows_to_restart(torch.full((3,), THRESHOLD), opts.range_restart_threshold, [0, 1, 2], top,
+                           torch.ones(3, dtype=torch.bool), [0, 0, 0], opts.max_restarts)
     assert none is None
     # inactive rows and rows out of restarts stay put
-    rows = _restart_rows({"range": torch.full((3,), 1.0)}, opts, [0, 0, 0], top,
-                         torch.tensor([True, False, True]), [0, 0, 3])
+    rows = rows_to_restart(torch.full((3,), 1.0), opts.range_restart_threshold, [0, 0, 0], top,
+                           torch.tensor([True, False, True]), [0, 0, 3], opts.max_restarts)
     assert rows.tolist() == [True, False, False]
 
 
