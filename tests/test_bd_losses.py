@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from bd_toys import (fixture, fixture_json, guidance_gradient, prefixed, readme_relative_total_tolerance,
-                     readme_tolerances, seeded_lpips, toy_models)
+from bd_toys import (fixture, fixture_json, prefixed, readme_relative_total_tolerance, readme_tolerances,
+                     seeded_lpips, step_context, toy_models)
 from core.blended import losses as bl
 from core.blended.cutouts import AugmentParams, AugmentSettings, make_cutouts, sample_augment_params
 from core.diffusion.guidance import StepContext, noise_mixed_input
+from core.diffusion.guided_loop import guidance_gradient
 from core.diffusion.schedule import DiffusionSchedule, p_mean_variance, upstream_timestep_index
 from core.diffusion.range import range_loss
 
@@ -171,9 +172,14 @@ def test_cond_fn_gradient(case, toys, lpips_model):
     info = CASES[case]
     source = COND["init_image"]
     x_t = COND["x_t"]
-    prepared = [term.prepare(source.expand(x_t.shape[0], -1, -1, -1)) for term in _terms(info, clip, lpips_model)]
-    grad, total, ctx = guidance_gradient(model, SCHEDULE, x_t, COND["t_index"], prepared, source)
+    terms = _terms(info, clip, lpips_model)
+    prepared = [term.prepare(source.expand(x_t.shape[0], -1, -1, -1)) for term in terms]
+    ctx = step_context(SCHEDULE, x_t, COND["t_index"], source)
+    _, grad, per_term = guidance_gradient(model, SCHEDULE, x_t, COND["t_index"], prepared, ctx)
+    assert list(per_term) == [term.name for term in terms]
     assert (grad - COND[f"{case}.gradient"]).abs().max().item() <= info["recommended_gradient_atol"]
+    # upstream's total: the batch sums of the weighted per-sample terms guidance_gradient reports
+    total = sum(value.sum() for value in per_term.values())
     assert total.item() == pytest.approx(info["total_loss"], rel=readme_relative_total_tolerance())
     if info["uses_random_augmentations"]:
         recorded = AugmentParams.from_kornia(prefixed(COND, f"{case}.affine_params"),
@@ -209,17 +215,20 @@ def test_per_sample_default_equals_serial_runs(toys, lpips_model):
     info = CASES["no_clip_bg"]
     source, x_t, t = COND["init_image"], COND["x_t"], COND["t_index"]
     atol = info["recommended_gradient_atol"]
+    def gradient(prepared, x, t_index):
+        return guidance_gradient(model, SCHEDULE, x, t_index, prepared, step_context(SCHEDULE, x, t_index, source))[1]
+
     per_sample = [term.prepare(source.expand(2, -1, -1, -1)) for term in _terms(info, clip, lpips_model, "per_sample")]
-    grad, _, _ = guidance_gradient(model, SCHEDULE, x_t, t, per_sample, source)
+    grad = gradient(per_sample, x_t, t)
     for b in range(x_t.shape[0]):
         single = [term.prepare(source) for term in _terms(info, clip, lpips_model, "per_sample")]
-        grad_b, _, _ = guidance_gradient(model, SCHEDULE, x_t[b:b + 1], t[b:b + 1], single, source)
+        grad_b = gradient(single, x_t[b:b + 1], t[b:b + 1])
         assert (grad_b - grad[b:b + 1]).abs().max().item() <= atol
     only_l2 = CASES["only_l2"]
     faithful = [term.prepare(source.expand(2, -1, -1, -1)) for term in _terms(only_l2, clip, lpips_model)]
     cleaner = [term.prepare(source.expand(2, -1, -1, -1)) for term in _terms(only_l2, clip, lpips_model, "per_sample")]
-    g_faithful, _, _ = guidance_gradient(model, SCHEDULE, x_t, t, faithful, source)
-    g_cleaner, _, _ = guidance_gradient(model, SCHEDULE, x_t, t, cleaner, source)
+    g_faithful = gradient(faithful, x_t, t)
+    g_cleaner = gradient(cleaner, x_t, t)
     assert (g_cleaner / x_t.shape[0] - g_faithful).abs().max().item() <= only_l2["recommended_gradient_atol"]
 
 
