@@ -37,14 +37,33 @@ def toys():
 
 # ------------------------------------------------------------------ losses.safetensors
 
+class _RecordedEmbeddingsClip:
+    """A CLIP stand-in whose image encoder returns the fixture's 16 cutout embeddings, so the
+    pack's masked_clip_distances aggregates exactly the distances upstream aggregated."""
+
+    def __init__(self, embeds: torch.Tensor):
+        self.embeds = embeds
+        self.image_size = int(META["toy_models"]["stub_clip_input_resolution"])
+        self.mean, self.std = META["toy_models"]["clip_normalize_mean"], META["toy_models"]["clip_normalize_std"]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert pixels.shape == (self.embeds.shape[0], 3, self.image_size, self.image_size)
+        return self.embeds
+
+
 def test_distances():
     image, text = LOSSES["clip_image_embeds"], LOSSES["clip_text_embed"]
     assert (bl.spherical_distance(image, text) - LOSSES["d_clip_spherical"]).abs().max().item() <= DIST_ATOL
     assert (bl.cosine_distance(image, text) - LOSSES["d_clip_cosine"]).abs().max().item() <= DIST_ATOL
-    # upstream batch aggregation: sum over samples of the mean over the cutouts (rows k * B + b)
+    # upstream batch aggregation (sum over samples of the mean over the cutouts) through the pack's
+    # masked_clip_distances, whose loss.sum() is upstream's batch loss
     batch = META["batch_size"]
-    aggregated = LOSSES["d_clip_spherical"].view(-1, batch).mean(dim=0).sum().item()
-    assert aggregated == pytest.approx(META["losses"]["clip_aggregated_for_batch_of_2"], abs=DIST_ATOL)
+    x_in = torch.zeros(batch, 3, 32, 32)
+    per_sample, _, _ = bl.masked_clip_distances(x_in, torch.ones(1, 1, 32, 32), _RecordedEmbeddingsClip(image), text,
+                                                AugmentSettings(n_cuts=image.shape[0] // batch),
+                                                generator=torch.Generator().manual_seed(0))
+    assert per_sample.shape == (batch,)
+    assert per_sample.sum().item() == pytest.approx(META["losses"]["clip_aggregated_for_batch_of_2"], abs=DIST_ATOL)
 
 
 def test_range_and_l2():
