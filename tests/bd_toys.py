@@ -107,10 +107,12 @@ def toy_models() -> tuple[ToyEpsModel, StubClip]:
 
 @functools.lru_cache(maxsize=1)
 def seeded_lpips() -> torch.nn.Module:
-    """The fixtures' LPIPS: ``torch.manual_seed(13); lpips.LPIPS(net="vgg", pnet_rand=True)``
-    (random VGG trunk, lpips' packaged linear heads; nothing is downloaded). Built once per
-    session, frozen; the global RNG state is restored afterwards."""
-    import lpips
+    """The fixtures' LPIPS (``torch.manual_seed(13); lpips.LPIPS(net="vgg", pnet_rand=True)``: random
+    VGG trunk, lpips' packaged linear heads; nothing is downloaded), built by the pack's
+    ``load_lpips(None, random_trunk=True)`` after the fixture's seed. Built once per session,
+    frozen; the global RNG state is restored afterwards. test_bd_losses checks it against the
+    fixture's fingerprint."""
+    from core.encoders.lpips import load_lpips
 
     construction = fixture_json()["losses"]["lpips_construction"]
     state = torch.random.get_rng_state()
@@ -118,10 +120,10 @@ def seeded_lpips() -> torch.nn.Module:
         torch.manual_seed(int(construction["seed"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained" deprecation
-            model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+            model = load_lpips(None, random_trunk=True)
     finally:
         torch.random.set_rng_state(state)
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def step_context(schedule: DiffusionSchedule, x_t: torch.Tensor, t_index: torch.Tensor, source: torch.Tensor,

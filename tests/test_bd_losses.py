@@ -81,15 +81,43 @@ def test_range_and_l2():
     assert mse.item() == pytest.approx(META["losses"]["mse_mean"], abs=DIST_ATOL)
 
 
-def test_lpips_fingerprint_and_values(lpips_model):
-    state = lpips_model.state_dict()
+def _seeded_vgg16_file(folder) -> str:
+    """torchvision's VGG16 trunk drawn right after the fixture's LPIPS seed (what
+    ``lpips.LPIPS(pnet_rand=True)`` draws after it), saved as a torchvision ``features.*`` state
+    dict: a stand-in for ``vgg16-397923af.pth``. The global RNG state is restored."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(META["losses"]["lpips_construction"]["seed"]))
+        features = torchvision.models.vgg16(weights=None).features.state_dict()
+    finally:
+        torch.random.set_rng_state(state)
+    path = str(folder / "vgg16.safetensors")
+    save_file({f"features.{k}": v.contiguous() for k, v in features.items()}, path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated since 0.13:UserWarning")  # lpips' torchvision call
+@pytest.mark.parametrize("construction", ["vgg16_file", "random_trunk"])
+def test_load_lpips_reproduces_the_fixture_lpips(construction, lpips_model, tmp_path):
+    """The pack's core.encoders.lpips.load_lpips builds the fixture's LPIPS: from a VGG16 file
+    (torchvision's trunk drawn after the fixture's seed; the product path: key mapping into lpips'
+    slices, linear heads, eval) and with ``random_trunk=True`` after the seed (``seeded_lpips``,
+    which the cond_fn / step / loop tests use). Fingerprint, then the values on the fixture's inputs."""
+    from core.encoders.lpips import load_lpips
+
+    model = load_lpips(_seeded_vgg16_file(tmp_path)) if construction == "vgg16_file" else lpips_model
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    state = model.state_dict()
     for name, fp in META["losses"]["lpips_construction"]["fingerprint"].items():
         tensor = state[name].double()
         assert list(tensor.shape) == fp["shape"]
         assert tensor.sum().item() == pytest.approx(fp["sum"], rel=1e-6, abs=1e-6)
         assert tensor.abs().sum().item() == pytest.approx(fp["abs_sum"], rel=1e-6)
     with torch.no_grad():
-        values = lpips_model(LOSSES["bg_masked_background"], LOSSES["bg_init_image"]).reshape(-1)
+        values = model(LOSSES["bg_masked_background"], LOSSES["bg_init_image"]).reshape(-1)
     assert (values - LOSSES["lpips_per_sample"]).abs().max().item() <= LPIPS_ATOL
     assert values.sum().item() == pytest.approx(META["losses"]["lpips_sum"], abs=LPIPS_ATOL * 2)
 
