@@ -4,8 +4,9 @@
   the float *original* timestep;
 * :class:`StubClip`: ``encode_image = flatten @ image_proj``, ``encode_text`` = a fixed
   embedding, with the duck-typed ``ClipModel`` attributes our code expects;
-* :func:`guidance_gradient`: what upstream's ``cond_fn`` computes, built from the lead's
-  ``p_mean_variance`` and our guidance terms (spec 5.4).
+* :func:`step_context`: the ``StepContext`` a fixture step is run with. The guidance gradient
+  itself comes from the pack (``core.diffusion.guided_loop.guidance_gradient``), which calls
+  the toy model as ``model(x, timestep_map[t_index])`` just as it calls the UNet.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
 
 from core.diffusion.guidance import Replay, StepContext
-from core.diffusion.schedule import DiffusionSchedule, p_mean_variance
+from core.diffusion.schedule import DiffusionSchedule
 
 FIXTURES = Path(__file__).parent / "fixtures" / "blended_diffusion"
 
@@ -106,10 +107,12 @@ def toy_models() -> tuple[ToyEpsModel, StubClip]:
 
 @functools.lru_cache(maxsize=1)
 def seeded_lpips() -> torch.nn.Module:
-    """The fixtures' LPIPS: ``torch.manual_seed(13); lpips.LPIPS(net="vgg", pnet_rand=True)``
-    (random VGG trunk, lpips' packaged linear heads; nothing is downloaded). Built once per
-    session, frozen; the global RNG state is restored afterwards."""
-    import lpips
+    """The fixtures' LPIPS (``torch.manual_seed(13); lpips.LPIPS(net="vgg", pnet_rand=True)``: random
+    VGG trunk, lpips' packaged linear heads; nothing is downloaded), built by the pack's
+    ``load_lpips(None, random_trunk=True)`` after the fixture's seed. Built once per session,
+    frozen; the global RNG state is restored afterwards. test_bd_losses checks it against the
+    fixture's fingerprint."""
+    from core.encoders.lpips import load_lpips
 
     construction = fixture_json()["losses"]["lpips_construction"]
     state = torch.random.get_rng_state()
@@ -117,24 +120,15 @@ def seeded_lpips() -> torch.nn.Module:
         torch.manual_seed(int(construction["seed"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torchvision's "pretrained" deprecation
-            model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+            model = load_lpips(None, random_trunk=True)
     finally:
         torch.random.set_rng_state(state)
-    return model.eval().requires_grad_(False)
+    return model
 
 
-def guidance_gradient(model: torch.nn.Module, schedule: DiffusionSchedule, x_t: torch.Tensor,
-                      t_index: torch.Tensor, prepared: Sequence[Any], source: torch.Tensor,
-                      replay: Replay = Replay()) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
-    """Upstream ``cond_fn`` (spec 5.4): ``-d/dx sum_terms sum_b loss`` with x0 from a
-    differentiable UNet pass at ``t_index`` (the model sees ``timestep_map[t_index]`` as float).
-    Returns ``(gradient, total_loss, ctx)``."""
-    with torch.enable_grad():
-        x = x_t.detach().requires_grad_(True)
-        t = schedule.model_timesteps(t_index)
-        out = p_mean_variance(schedule, model(x, t.float()), x, t_index, clip_denoised=False)
-        ctx = StepContext(t_index=t_index, t=t, x_t=x, schedule=schedule,
-                          source=source.expand(x.shape[0], -1, -1, -1), replay=replay)
-        total = sum(term(out.pred_xstart, ctx).sum() for term in prepared)
-        grad = torch.autograd.grad(total, x)[0]
-    return -grad, total.detach(), ctx
+def step_context(schedule: DiffusionSchedule, x_t: torch.Tensor, t_index: torch.Tensor, source: torch.Tensor,
+                 replay: Replay = Replay()) -> StepContext:
+    """The context of one fixture step at ``t_index`` on ``x_t`` (the source expanded to the batch,
+    no generators: terms draw from their own seed, as the fixtures' ``seed_before_call``)."""
+    return StepContext(t_index=t_index, t=schedule.model_timesteps(t_index), x_t=x_t, schedule=schedule,
+                       source=source.expand(x_t.shape[0], -1, -1, -1), replay=replay)

@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 
-from bd_toys import fixture, fixture_json, guidance_gradient, seeded_lpips, toy_models
+from bd_toys import fixture, fixture_json, seeded_lpips, step_context, toy_models
 from core.blended import blending as blend
 from core.blended import geometry
 from core.io import to_uint8
 from core.blended.losses import blended_guidance
 from core.blended.masks import mask_bbox
-from core.diffusion.schedule import (DiffusionSchedule, eps_from_x0, extract, p_mean_variance,
-                           predict_x0_from_eps)
+from core.diffusion.guided_loop import guidance_gradient
+from core.diffusion.sampling import ddim_step, ddpm_step
+from core.diffusion.schedule import DiffusionSchedule
 
 BLEND = fixture("blend")
 META = fixture_json()
@@ -155,8 +156,30 @@ def test_stitch_back_errors():
 
 # ------------------------------------------------------------------ one sampler step
 
+class _RecordedBackgroundNoise:
+    """The noise source the sampler hands ``PreparedBlend.after_step``: row 0 draws the recorded
+    background noise (upstream's one ``randn_like(init_image)``); the other rows draw something
+    else (its negative), which ``shared_noise`` must discard."""
+
+    def __init__(self, noise: torch.Tensor, batch: int):
+        self.noise, self.batch = noise, batch
+
+    def randn(self, shape, kind="step", rows=None):
+        assert kind == "background" and tuple(shape) == tuple(self.noise.shape[1:])
+        return torch.cat([self.noise, -self.noise.expand(self.batch - 1, -1, -1, -1)])
+
+
+def _blend_after_step(step: dict, x_prev: torch.Tensor) -> torch.Tensor:
+    """The pack's Background Blend as the guided loop applies it after a step (official mode,
+    one background draw shared by the batch, as upstream)."""
+    prepared = blend.BackgroundBlend(step["mask"], shared_noise=True).prepare(step["init_image"])
+    return prepared.after_step(x_prev, step["t_index"], _RecordedBackgroundNoise(step["background_noise"],
+                                                                                 x_prev.shape[0]), SCHEDULE)
+
+
 @pytest.fixture(scope="module")
 def step_setup():
+    """The pack's one differentiable pass (``guided_loop.guidance_gradient``) at the fixture step."""
     step = fixture("step")
     model, _ = toy_models()
     case = META["cond_fn"]["cases"][META["step"]["case"]]["lambdas"]
@@ -166,42 +189,39 @@ def step_setup():
                              lambda_lpips=case["lpips"], lambda_l2=case["l2"], lpips_model=seeded_lpips(),
                              l2_reduction="batch_mean")
     source = step["init_image"]
-    prepared = [term.prepare(source.expand(step["x_t"].shape[0], -1, -1, -1)) for term in terms]
     x, t = step["x_t"], step["t_index"]
-    with torch.no_grad():
-        mv = p_mean_variance(SCHEDULE, model(x, SCHEDULE.model_timesteps(t).float()), x, t, clip_denoised=False)
-    grad, _, _ = guidance_gradient(model, SCHEDULE, x, t, prepared, source)
+    prepared = [term.prepare(source.expand(x.shape[0], -1, -1, -1)) for term in terms]
+    mv, grad, per_term = guidance_gradient(model, SCHEDULE, x, t, prepared, step_context(SCHEDULE, x, t, source))
+    assert grad is not None and set(per_term) == {term.name for term in terms}
     return step, mv, grad
 
 
 def test_step_ddpm_matches_upstream(step_setup):
-    """Spec 5.3: p_mean_variance -> noise -> cond_fn -> mean + var * g -> + sigma * noise -> blend."""
+    """Spec 5.3: p_mean_variance -> noise -> cond_fn -> mean + var * g -> + sigma * noise -> blend,
+    through the pack's guidance_gradient, ddpm_step and BackgroundBlend."""
     step, mv, grad = step_setup
     atol = META["step"]["recommended_atol"]
+    x, t = step["x_t"], step["t_index"]
     for key in ("mean", "variance", "log_variance", "pred_xstart"):
         assert (getattr(mv, key) - step[f"p_mean_variance.{key}"]).abs().max().item() <= atol
-    conditioned = mv.mean + mv.variance * grad
+    conditioned = ddpm_step(SCHEDULE, mv, x, t, torch.zeros_like(x), grad)  # no noise: the guided mean
     assert (conditioned - step["conditioned_mean"]).abs().max().item() <= atol
-    sample = conditioned + torch.exp(0.5 * mv.log_variance) * step["p_sample.noise"]
+    sample = ddpm_step(SCHEDULE, mv, x, t, step["p_sample.noise"], grad)
     assert (sample - step["p_sample.sample"]).abs().max().item() <= atol
-    blended = blend.blend_background(sample, step["init_image"], step["mask"], SCHEDULE,
-                                     step["t_index"], step["background_noise"])
+    blended = _blend_after_step(step, sample)
     assert (blended - step["p_sample.blended"]).abs().max().item() <= atol
     assert (mv.pred_xstart - step["p_sample.pred_xstart"]).abs().max().item() <= atol
 
 
 def test_step_ddim_matches_upstream(step_setup):
-    """Spec 5.6: condition_score then DDIM with eta = 0, blend as DDPM."""
+    """Spec 5.6: condition_score then DDIM with eta = 0, blend as DDPM; through the pack's
+    ddim_step (which applies the score correction) and BackgroundBlend."""
     step, mv, grad = step_setup
     atol = META["step"]["recommended_atol"]
     x, t = step["x_t"], step["t_index"]
-    eps = eps_from_x0(SCHEDULE, x, t, mv.pred_xstart) - extract(SCHEDULE.sqrt_one_minus_alphas_cumprod, t, x) * grad
-    x0 = predict_x0_from_eps(SCHEDULE, x, t, eps)
+    sample, x0 = ddim_step(SCHEDULE, mv, x, t, step["p_sample.noise"], META["step"]["ddim_eta"], grad)
     assert (x0 - step["ddim.condition_score.pred_xstart"]).abs().max().item() <= atol
     assert (x0 - step["ddim.pred_xstart"]).abs().max().item() <= atol
-    abar_prev = extract(SCHEDULE.alphas_cumprod_prev, t, x)
-    sample = x0 * abar_prev.sqrt() + (1 - abar_prev).sqrt() * eps_from_x0(SCHEDULE, x, t, x0)
     assert (sample - step["ddim.sample"]).abs().max().item() <= atol
-    blended = blend.blend_background(sample, step["init_image"], step["mask"], SCHEDULE, t,
-                                     step["background_noise"])
+    blended = _blend_after_step(step, sample)
     assert (blended - step["ddim.blended"]).abs().max().item() <= atol

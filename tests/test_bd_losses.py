@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from bd_toys import (fixture, fixture_json, guidance_gradient, prefixed, readme_relative_total_tolerance,
-                     readme_tolerances, seeded_lpips, toy_models)
+from bd_toys import (fixture, fixture_json, prefixed, readme_relative_total_tolerance, readme_tolerances,
+                     seeded_lpips, step_context, toy_models)
 from core.blended import losses as bl
 from core.blended.cutouts import AugmentParams, AugmentSettings, make_cutouts, sample_augment_params
 from core.diffusion.guidance import StepContext, noise_mixed_input
+from core.diffusion.guided_loop import guidance_gradient
 from core.diffusion.schedule import DiffusionSchedule, p_mean_variance, upstream_timestep_index
 from core.diffusion.range import range_loss
 
@@ -36,14 +37,33 @@ def toys():
 
 # ------------------------------------------------------------------ losses.safetensors
 
+class _RecordedEmbeddingsClip:
+    """A CLIP stand-in whose image encoder returns the fixture's 16 cutout embeddings, so the
+    pack's masked_clip_distances aggregates exactly the distances upstream aggregated."""
+
+    def __init__(self, embeds: torch.Tensor):
+        self.embeds = embeds
+        self.image_size = int(META["toy_models"]["stub_clip_input_resolution"])
+        self.mean, self.std = META["toy_models"]["clip_normalize_mean"], META["toy_models"]["clip_normalize_std"]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert pixels.shape == (self.embeds.shape[0], 3, self.image_size, self.image_size)
+        return self.embeds
+
+
 def test_distances():
     image, text = LOSSES["clip_image_embeds"], LOSSES["clip_text_embed"]
     assert (bl.spherical_distance(image, text) - LOSSES["d_clip_spherical"]).abs().max().item() <= DIST_ATOL
     assert (bl.cosine_distance(image, text) - LOSSES["d_clip_cosine"]).abs().max().item() <= DIST_ATOL
-    # upstream batch aggregation: sum over samples of the mean over the cutouts (rows k * B + b)
+    # upstream batch aggregation (sum over samples of the mean over the cutouts) through the pack's
+    # masked_clip_distances, whose loss.sum() is upstream's batch loss
     batch = META["batch_size"]
-    aggregated = LOSSES["d_clip_spherical"].view(-1, batch).mean(dim=0).sum().item()
-    assert aggregated == pytest.approx(META["losses"]["clip_aggregated_for_batch_of_2"], abs=DIST_ATOL)
+    x_in = torch.zeros(batch, 3, 32, 32)
+    per_sample, _, _ = bl.masked_clip_distances(x_in, torch.ones(1, 1, 32, 32), _RecordedEmbeddingsClip(image), text,
+                                                AugmentSettings(n_cuts=image.shape[0] // batch),
+                                                generator=torch.Generator().manual_seed(0))
+    assert per_sample.shape == (batch,)
+    assert per_sample.sum().item() == pytest.approx(META["losses"]["clip_aggregated_for_batch_of_2"], abs=DIST_ATOL)
 
 
 def test_range_and_l2():
@@ -61,15 +81,43 @@ def test_range_and_l2():
     assert mse.item() == pytest.approx(META["losses"]["mse_mean"], abs=DIST_ATOL)
 
 
-def test_lpips_fingerprint_and_values(lpips_model):
-    state = lpips_model.state_dict()
+def _seeded_vgg16_file(folder) -> str:
+    """torchvision's VGG16 trunk drawn right after the fixture's LPIPS seed (what
+    ``lpips.LPIPS(pnet_rand=True)`` draws after it), saved as a torchvision ``features.*`` state
+    dict: a stand-in for ``vgg16-397923af.pth``. The global RNG state is restored."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(META["losses"]["lpips_construction"]["seed"]))
+        features = torchvision.models.vgg16(weights=None).features.state_dict()
+    finally:
+        torch.random.set_rng_state(state)
+    path = str(folder / "vgg16.safetensors")
+    save_file({f"features.{k}": v.contiguous() for k, v in features.items()}, path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated since 0.13:UserWarning")  # lpips' torchvision call
+@pytest.mark.parametrize("construction", ["vgg16_file", "random_trunk"])
+def test_load_lpips_reproduces_the_fixture_lpips(construction, lpips_model, tmp_path):
+    """The pack's core.encoders.lpips.load_lpips builds the fixture's LPIPS: from a VGG16 file
+    (torchvision's trunk drawn after the fixture's seed; the product path: key mapping into lpips'
+    slices, linear heads, eval) and with ``random_trunk=True`` after the seed (``seeded_lpips``,
+    which the cond_fn / step / loop tests use). Fingerprint, then the values on the fixture's inputs."""
+    from core.encoders.lpips import load_lpips
+
+    model = load_lpips(_seeded_vgg16_file(tmp_path)) if construction == "vgg16_file" else lpips_model
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    state = model.state_dict()
     for name, fp in META["losses"]["lpips_construction"]["fingerprint"].items():
         tensor = state[name].double()
         assert list(tensor.shape) == fp["shape"]
         assert tensor.sum().item() == pytest.approx(fp["sum"], rel=1e-6, abs=1e-6)
         assert tensor.abs().sum().item() == pytest.approx(fp["abs_sum"], rel=1e-6)
     with torch.no_grad():
-        values = lpips_model(LOSSES["bg_masked_background"], LOSSES["bg_init_image"]).reshape(-1)
+        values = model(LOSSES["bg_masked_background"], LOSSES["bg_init_image"]).reshape(-1)
     assert (values - LOSSES["lpips_per_sample"]).abs().max().item() <= LPIPS_ATOL
     assert values.sum().item() == pytest.approx(META["losses"]["lpips_sum"], abs=LPIPS_ATOL * 2)
 
@@ -171,9 +219,14 @@ def test_cond_fn_gradient(case, toys, lpips_model):
     info = CASES[case]
     source = COND["init_image"]
     x_t = COND["x_t"]
-    prepared = [term.prepare(source.expand(x_t.shape[0], -1, -1, -1)) for term in _terms(info, clip, lpips_model)]
-    grad, total, ctx = guidance_gradient(model, SCHEDULE, x_t, COND["t_index"], prepared, source)
+    terms = _terms(info, clip, lpips_model)
+    prepared = [term.prepare(source.expand(x_t.shape[0], -1, -1, -1)) for term in terms]
+    ctx = step_context(SCHEDULE, x_t, COND["t_index"], source)
+    _, grad, per_term = guidance_gradient(model, SCHEDULE, x_t, COND["t_index"], prepared, ctx)
+    assert list(per_term) == [term.name for term in terms]
     assert (grad - COND[f"{case}.gradient"]).abs().max().item() <= info["recommended_gradient_atol"]
+    # upstream's total: the batch sums of the weighted per-sample terms guidance_gradient reports
+    total = sum(value.sum() for value in per_term.values())
     assert total.item() == pytest.approx(info["total_loss"], rel=readme_relative_total_tolerance())
     if info["uses_random_augmentations"]:
         recorded = AugmentParams.from_kornia(prefixed(COND, f"{case}.affine_params"),
@@ -209,17 +262,20 @@ def test_per_sample_default_equals_serial_runs(toys, lpips_model):
     info = CASES["no_clip_bg"]
     source, x_t, t = COND["init_image"], COND["x_t"], COND["t_index"]
     atol = info["recommended_gradient_atol"]
+    def gradient(prepared, x, t_index):
+        return guidance_gradient(model, SCHEDULE, x, t_index, prepared, step_context(SCHEDULE, x, t_index, source))[1]
+
     per_sample = [term.prepare(source.expand(2, -1, -1, -1)) for term in _terms(info, clip, lpips_model, "per_sample")]
-    grad, _, _ = guidance_gradient(model, SCHEDULE, x_t, t, per_sample, source)
+    grad = gradient(per_sample, x_t, t)
     for b in range(x_t.shape[0]):
         single = [term.prepare(source) for term in _terms(info, clip, lpips_model, "per_sample")]
-        grad_b, _, _ = guidance_gradient(model, SCHEDULE, x_t[b:b + 1], t[b:b + 1], single, source)
+        grad_b = gradient(single, x_t[b:b + 1], t[b:b + 1])
         assert (grad_b - grad[b:b + 1]).abs().max().item() <= atol
     only_l2 = CASES["only_l2"]
     faithful = [term.prepare(source.expand(2, -1, -1, -1)) for term in _terms(only_l2, clip, lpips_model)]
     cleaner = [term.prepare(source.expand(2, -1, -1, -1)) for term in _terms(only_l2, clip, lpips_model, "per_sample")]
-    g_faithful, _, _ = guidance_gradient(model, SCHEDULE, x_t, t, faithful, source)
-    g_cleaner, _, _ = guidance_gradient(model, SCHEDULE, x_t, t, cleaner, source)
+    g_faithful = gradient(faithful, x_t, t)
+    g_cleaner = gradient(cleaner, x_t, t)
     assert (g_cleaner / x_t.shape[0] - g_faithful).abs().max().item() <= only_l2["recommended_gradient_atol"]
 
 

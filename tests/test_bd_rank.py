@@ -9,7 +9,8 @@ from bd_toys import fixture, fixture_json, readme_tolerances, toy_models
 from core.blended import ranking as rank
 from core.blended.blending import enforce_background
 from core.io import to_uint8
-from core.blended.losses import clip_normalize, spherical_distance
+from core.blended.cutouts import AugmentSettings
+from core.blended.losses import masked_clip_distances
 
 LOOP = fixture("loop")
 META = fixture_json()
@@ -64,16 +65,41 @@ def test_ranking_only_sees_the_masked_region(clip):
         assert torch.equal(a, b)
 
 
+class _NativeSizeClip:
+    """The stub CLIP at the loop images' own size (16 px; the first 3 * 16 * 16 rows of its
+    projection): ranking resizes nothing, and the guidance's plain cutout is the image itself."""
+
+    def __init__(self, clip, size: int):
+        self.image_size, self.mean, self.std = size, clip.mean, clip.std
+        self.image_proj = clip.image_proj[: 3 * size * size]
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.reshape(pixels.shape[0], -1) @ self.image_proj
+
+
 def test_default_variant_is_the_normalised_guidance_view(clip):
-    images = _final("blended_ddpm")
-    mask = LOOP["mask"]
+    """Default ranking = the unaugmented view the guidance's masked CLIP loss scores (background
+    mid-grey, CLIP-normalised): at the CLIP size it equals the plain cutout of the pack's
+    masked_clip_distances; it resizes with antialias; and it is not the faithful variant."""
+    images, mask = _final("blended_ddpm"), LOOP["mask"]
+    assert images.abs().max() <= 1  # in range: ranking's clamp is then a no-op
+    native = _NativeSizeClip(clip, images.shape[-1])
     text = clip.encode_text([META["prompt"]])
-    scores = rank.ranking_distances(images, mask, clip, text)
-    pixels = torch.nn.functional.interpolate(((images * mask + 1) / 2).clamp(0, 1), size=clip.image_size,
-                                             mode="bilinear", align_corners=False, antialias=True)
-    expected = spherical_distance(clip.encode_image(clip_normalize(pixels, clip)), text)
-    assert torch.allclose(scores, expected, rtol=0, atol=DIST_ATOL)
-    assert not torch.allclose(scores, rank.ranking_distances(images, mask, clip, text, faithful=True))
+    scores = rank.ranking_distances(images, mask, native, text)
+    guidance, _, _ = masked_clip_distances(images, mask, native, text, AugmentSettings(n_cuts=1))
+    assert torch.allclose(scores, guidance, rtol=0, atol=DIST_ATOL)
+    assert not torch.allclose(scores, rank.ranking_distances(images, mask, native, text, faithful=True),
+                              rtol=0, atol=DIST_ATOL)
+    # at the stub's CLIP size (16 -> 28) the default is still not the faithful variant
+    assert not torch.allclose(rank.ranking_distances(images, mask, clip, text),
+                              rank.ranking_distances(images, mask, clip, text, faithful=True), rtol=0, atol=DIST_ATOL)
+    # shrinking (32 -> 28) it resizes with antialias, which matters there
+    big = torch.nn.functional.interpolate(images, size=32, mode="nearest")
+    big_mask = torch.nn.functional.interpolate(mask, size=32, mode="nearest")
+    default = rank.ranking_distances(big, big_mask, clip, text)
+    assert torch.equal(default, rank.ranking_distances(big, big_mask, clip, text, antialias=True))
+    assert not torch.allclose(default, rank.ranking_distances(big, big_mask, clip, text, antialias=False),
+                              rtol=0, atol=DIST_ATOL)
 
 
 def test_rank_order_ties_top_k_and_errors(clip):
