@@ -22,9 +22,10 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from .devices import constant
 from .cutouts import FAITHFUL_TRANSLATE, AugmentParams, AugmentSettings, make_cutouts
 from .guidance import StepContext
-from .schedule import DiffusionSchedule
+from .schedule import DiffusionSchedule, on_device
 from .vit_losses import RangeLoss
 
 # --------------------------------------------------------------------------- functional pieces
@@ -47,8 +48,8 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def clip_normalize(pixels01: torch.Tensor, clip: Any) -> torch.Tensor:
     """CLIP mean / std normalisation of [0, 1] images (spec 3.3)."""
-    mean = torch.as_tensor(clip.mean, dtype=pixels01.dtype, device=pixels01.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(clip.std, dtype=pixels01.dtype, device=pixels01.device).view(1, -1, 1, 1)
+    mean = constant(clip.mean, pixels01.device, pixels01.dtype).view(1, -1, 1, 1)  # made once, not per step
+    std = constant(clip.std, pixels01.device, pixels01.dtype).view(1, -1, 1, 1)
     return (pixels01 - mean) / std
 
 
@@ -60,7 +61,7 @@ def guidance_input(pred_x0: torch.Tensor, x_t: torch.Tensor, schedule: Diffusion
     Upstream takes ``fac`` from the first batch element; here it is per sample (identical
     when the batch shares its step, as it always does in the sampler).
     """
-    fac64 = schedule.sqrt_one_minus_alphas_cumprod.to(t_index.device)[t_index]
+    fac64 = on_device(schedule.sqrt_one_minus_alphas_cumprod, t_index.device)[t_index]  # copied once per schedule
     shape = (-1,) + (1,) * (x_t.dim() - 1)
     fac = fac64.to(x_t.dtype).view(shape)
     keep = (1 - fac64).to(x_t.dtype).view(shape)
