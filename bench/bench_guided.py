@@ -49,7 +49,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -59,18 +58,17 @@ from bench import models as bm  # noqa: E402
 from bench.baseline import RowRun, _is_clip, _is_dino, attention_patch, recipe_steps  # noqa: E402
 from bench.measure import (CLOCK, CLOCKS, Timer, cpu_name, cpu_snapshot, load_average,  # noqa: E402
                            others_cpu_share, sync)
-from core.blended.blending import BackgroundBlend  # noqa: E402
-from core.blended.losses import blended_guidance  # noqa: E402
+from core.blended import BackgroundBlend  # noqa: E402
 from core.diffuseit.clip_direction import PreparedCLIPDirectional  # noqa: E402
-from core.diffuseit.pipeline import PRESETS, diffuseit_guidance, sampler_options  # noqa: E402
 from core.diffusion.guided_loop import GuidedSamplerOptions, guided_sample, program  # noqa: E402
 from core.diffusion.sampling import model_output  # noqa: E402
 from core.diffusion.schedule import p_mean_variance  # noqa: E402
+from core.tiny_models import (BLEND_PROMPT, SOURCE_TEXT, TARGET_TEXT, TINY_IMAGE_SIZE,  # noqa: E402,F401
+                               preset_terms, smooth_image)
 
 CALLS_PER_IMAGE = {"diffuseit-text": 69, "diffuseit-image": 129, "blended": 75}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SOURCE_TEXT, TARGET_TEXT, BLEND_PROMPT = "Lion", "Black Leopard", "a red ball"
-TINY_SIZE = 64  # image side of --tiny runs (full size: the model's 256)
+TINY_SIZE = TINY_IMAGE_SIZE  # image side of --tiny runs (full size: the model's 256)
 
 
 @dataclass(frozen=True)
@@ -120,11 +118,7 @@ def parse_set(recipe: Recipe, items: Sequence[str]) -> Recipe:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def test_image(seed: int, size: int = 256) -> torch.Tensor:
-    """A smooth random [-1, 1] image (1, 3, size, size)."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(1, 3, 16, 16, generator=g)
-    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1
+test_image = smooth_image  # a smooth random [-1, 1] image (1, 3, size, size)
 
 
 # ----------------------------------------------------------------------------- the set-up
@@ -193,40 +187,22 @@ def setup(method: str, recipe: Recipe, batch: int, *, steps: int, clip_models: O
     call = torch.compile(unet) if recipe.compile else unet
     size = TINY_SIZE if tiny else ddpm.image_size  # the UNet is convolutional: tiny runs use small images
     source = test_image(seed, size).to(dev).repeat(batch, 1, 1, 1)
-    diff_iter, blend = None, None
     clip_dtype = recipe.clip_dtype
     if clip_dtype == "auto":
         clip_dtype = "fp16" if dev.type == "cuda" else "fp32"
+    dino, clip = None, []
     if method.startswith("diffuseit"):
         dino, info["build_dino_s"] = bm.build_dino(str(dev), tiny, fused_attention=recipe.dino_sdpa)
-        preset = "text" if method == "diffuseit-text" else "image"
-        settings = replace(PRESETS[preset], ncuts=ncuts)
-        diff_iter = settings.diff_iter
-        if preset == "text":
-            names = clip_models or bm.DIFFUSEIT_CLIP
-            clip, secs = bm.build_clip(names, str(dev), tiny, DTYPES[clip_dtype])
-            if recipe.clip_checkpoint:
-                checkpoint_clip(clip)
-            info["build_clip_s"] = secs
-            info["clip_models"] = list(names)
-            terms = diffuseit_guidance(dino, settings, clip=clip, source_text=SOURCE_TEXT, target_text=TARGET_TEXT)
-        else:
-            terms = diffuseit_guidance(dino, settings, style_image=test_image(seed + 1, size).to(dev))
-        schedule = ddpm.schedule(settings.respacing)
-        options = replace(sampler_options(settings), resample_steps=max(steps, 1), range_restart_threshold=None)
-    else:
-        names = clip_models or bm.BLENDED_CLIP
-        clip, secs = bm.build_clip(names[:1], str(dev), tiny, DTYPES[clip_dtype])
+    if method != "diffuseit-image":
+        names = clip_models or (bm.DIFFUSEIT_CLIP if method == "diffuseit-text" else bm.BLENDED_CLIP)
+        names = names if method == "diffuseit-text" else names[:1]
+        clip, info["build_clip_s"] = bm.build_clip(names, str(dev), tiny, DTYPES[clip_dtype])
         if recipe.clip_checkpoint:
             checkpoint_clip(clip)
-        info["build_clip_s"] = secs
-        info["clip_models"] = list(names[:1])
-        mask = torch.zeros(1, 1, size, size, device=dev)
-        mask[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
-        terms = blended_guidance(clip[0], BLEND_PROMPT, None, n_cuts=ncuts)
-        blend = BackgroundBlend(mask)
-        schedule = ddpm.schedule("100")
-        options = GuidedSamplerOptions(skip_timesteps=25)
+        info["clip_models"] = list(names)
+    # the preset's terms, schedule, options and blend: shared with the tests' tiny runs (core.tiny_models)
+    run = preset_terms(method, ddpm, source, dino=dino, clip=clip, ncuts=ncuts, seed=seed, resample_steps=steps)
+    schedule, options, terms, blend, diff_iter = run.schedule, run.options, run.terms, run.blend, run.diff_iter
     info["ncuts"] = ncuts
     info["clip_dtype"] = clip_dtype if (method != "diffuseit-image") else None
     b = Bench(method, recipe, dev, ddpm, call, schedule, options, source, terms, blend, diff_iter, info)

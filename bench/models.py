@@ -98,16 +98,14 @@ def build_unet(dtype: str = "fp32", device: str = "cpu", tiny: bool = False, see
 
 def build_dino(device: str = "cpu", tiny: bool = False, fused_attention: bool = False, seed: int = 1):
     """(DINOExtractor, seconds): ViT-B/8 (or core.tiny_models' tiny ViT) with random weights, frozen."""
-    from core.encoders.dino import DINOExtractor, DINOViTConfig, build_dino_vit
-    from core.tiny_models import TINY_DINO
+    from core.encoders.dino import DINOExtractor, build_dino_vit
+    from core.tiny_models import tiny_dino_vit
 
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if tiny:
-            cfg = DINOViTConfig(TINY_DINO["patch_size"], TINY_DINO["embed_dim"], TINY_DINO["depth"],
-                                TINY_DINO["num_heads"], TINY_DINO["mlp_ratio"], True, TINY_DINO["img_size"])
-            vit = build_dino_vit(cfg)
+            vit = tiny_dino_vit()
         else:
             vit = build_dino_vit("vit_base_patch8_224")
     vit = vit.to(device).eval().requires_grad_(False)
@@ -135,13 +133,9 @@ def build_clip(names: Sequence[str] = DIFFUSEIT_CLIP, device: str = "cpu", tiny:
 
 
 def _tiny_clip(device: str, vision: str, dtype: torch.dtype = torch.float32):
-    import open_clip
+    from core.tiny_models import tiny_clip
 
-    from core.encoders.clip import ClipModel, tiny_open_clip_config
-
-    cfg = tiny_open_clip_config(vision, image_size=32, embed_dim=16)
-    module = open_clip.CLIP(**cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return ClipModel(module, 32, name=f"tiny-{vision}")
+    return tiny_clip(vision, device, dtype)
 
 
 def count(module: torch.nn.Module) -> int:

@@ -23,6 +23,11 @@ only the widths are tiny, so a whole workflow runs in seconds on a CPU. The weig
   uses; no classifier). VGG16 has fixed shapes, so this one is full size (14.7 M parameters),
   stored in float16 (29 MB) and He-initialised so activations stay finite.
 
+In memory (no files): ``tiny_preset_run(method, batch)`` builds a whole guided run of a preset
+(DiffuseIT text / image, Blended Diffusion) on tiny random models -- UNet, DINO, CLIP, source image,
+the preset's terms, schedule, options and background blend -- for tests of the step loop;
+``preset_terms`` is the model-agnostic half the benchmarks (``bench/bench_guided.py``) share.
+
 CLI: ``python -m core.tiny_models DIR`` (the lead may expose it as ``core.cli tiny-models DIR``).
 """
 
@@ -31,8 +36,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -162,6 +168,133 @@ def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = T
     if lpips:
         written["lpips"] = write_tiny_lpips(root / "lpips")
     return written
+
+
+# ------------------------------------------------------------------ whole preset runs, in memory
+
+PRESET_METHODS = ("diffuseit-text", "diffuseit-image", "blended")
+SOURCE_TEXT, TARGET_TEXT, BLEND_PROMPT = "Lion", "Black Leopard", "a red ball"
+TINY_IMAGE_SIZE = 64  # image side of tiny preset runs (the UNet is convolutional)
+
+
+def smooth_image(seed: int, size: int = 256) -> torch.Tensor:
+    """A smooth random [-1, 1] image (1, 3, size, size), from its own generator."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, 16, 16, generator=g)
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1
+
+
+def tiny_clip(vision: str = "vit", device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+    """A random tiny open_clip model in a ``ClipModel`` (uses the global RNG: seed around it)."""
+    import open_clip
+
+    from .encoders.clip import ClipModel, tiny_open_clip_config
+
+    cfg = tiny_open_clip_config(vision, image_size=32, embed_dim=16)
+    module = open_clip.CLIP(**cfg).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return ClipModel(module, 32, name=f"tiny-{vision}")
+
+
+def tiny_dino_vit():
+    """A random tiny DINO ViT (``TINY_DINO``; uses the global RNG: seed around it)."""
+    from .encoders.dino import DINOViTConfig, build_dino_vit
+
+    return build_dino_vit(DINOViTConfig(TINY_DINO["patch_size"], TINY_DINO["embed_dim"], TINY_DINO["depth"],
+                                        TINY_DINO["num_heads"], TINY_DINO["mlp_ratio"], True, TINY_DINO["img_size"]))
+
+
+@dataclass
+class PresetRun:
+    """Everything ``core.diffusion.guided_loop.guided_sample`` needs for one preset, plus the models it holds."""
+
+    method: str
+    ddpm: Any
+    schedule: Any
+    options: Any  # GuidedSamplerOptions
+    source: torch.Tensor  # (batch, 3, size, size)
+    terms: tuple
+    blend: Any  # BackgroundBlend or None
+    diff_iter: Optional[int]
+
+    def to(self, device: Union[str, torch.device]) -> "PresetRun":
+        """Move every model, the source and the blend mask to ``device`` (e.g. ``meta``); returns self."""
+        from .encoders.clip import ClipModel
+
+        self.ddpm.unet.to(device)
+        for term in self.terms:
+            for value in vars(term).values():
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(item, ClipModel):
+                        item.module.to(device)
+                    elif isinstance(item, torch.nn.Module):
+                        item.to(device)
+        self.source = self.source.to(device)
+        if self.blend is not None:
+            self.blend = replace(self.blend, mask=self.blend.mask.to(device))
+        return self
+
+
+def preset_terms(method: str, ddpm: Any, source: torch.Tensor, *, dino: Any = None, clip: Sequence[Any] = (),
+                 ncuts: int = 8, seed: int = 0, resample_steps: int = 1) -> PresetRun:
+    """A preset's guided run on given models: DiffuseIT text (``clip`` = the ensemble, texts
+    ``SOURCE_TEXT`` -> ``TARGET_TEXT``) / image (style image ``smooth_image(seed + 1)``), or Blended
+    Diffusion (``clip[0]``, ``BLEND_PROMPT``, the centre square edited, respacing 100, skip 25).
+    DiffuseIT's range restart is off and its resampling repeats are ``resample_steps``."""
+    from .blended import BackgroundBlend
+    from .blended.losses import blended_guidance
+    from .diffuseit.pipeline import PRESETS, diffuseit_guidance, sampler_options
+    from .diffusion.guided_loop import GuidedSamplerOptions
+
+    if method not in PRESET_METHODS:
+        raise ValueError(f"method must be one of {PRESET_METHODS}, got {method!r}")
+    size, device = source.shape[-1], source.device
+    blend, diff_iter = None, None
+    if method.startswith("diffuseit"):
+        preset = "text" if method == "diffuseit-text" else "image"
+        settings = replace(PRESETS[preset], ncuts=ncuts)
+        diff_iter = settings.diff_iter
+        if preset == "text":
+            terms = diffuseit_guidance(dino, settings, clip=list(clip), source_text=SOURCE_TEXT, target_text=TARGET_TEXT)
+        else:
+            terms = diffuseit_guidance(dino, settings, style_image=smooth_image(seed + 1, size).to(device))
+        schedule = ddpm.schedule(settings.respacing)
+        options = replace(sampler_options(settings), resample_steps=max(resample_steps, 1), range_restart_threshold=None)
+    else:
+        mask = torch.zeros(1, 1, size, size, device=device)
+        mask[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
+        terms = blended_guidance(clip[0], BLEND_PROMPT, None, n_cuts=ncuts)
+        blend = BackgroundBlend(mask)
+        schedule = ddpm.schedule("100")
+        options = GuidedSamplerOptions(skip_timesteps=25)
+    return PresetRun(method, ddpm, schedule, options, source, terms, blend, diff_iter)
+
+
+def tiny_preset_run(method: str, batch: int = 1, *, ncuts: int = 2, seed: int = 0, resample_steps: int = 1,
+                    device: Union[str, torch.device] = "cpu") -> PresetRun:
+    """:func:`preset_terms` on tiny random models (UNet seed 0, DINO seed 1, CLIP seeds 100, 101, ...;
+    DiffuseIT text gets a 5-model tiny ensemble like upstream's RN50, RN50x4, ViT-B-32, RN50x16,
+    ViT-B-16) and a ``TINY_IMAGE_SIZE`` source, built on the CPU and moved to ``device``."""
+    from .diffusion.checkpoints import load_ddpm
+    from .encoders.dino import DINOExtractor
+
+    ddpm = load_ddpm(tiny_unet_state_dict(0), device="cpu", image_size=256, num_head_channels=64)
+    source = smooth_image(seed, TINY_IMAGE_SIZE).repeat(batch, 1, 1, 1)
+    dino, clip = None, []
+    if method.startswith("diffuseit"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            dino = DINOExtractor(tiny_dino_vit().eval().requires_grad_(False))
+    if method != "diffuseit-image":
+        visions = ("resnet", "resnet", "vit", "resnet", "vit") if method == "diffuseit-text" else ("vit",)
+        for i, vision in enumerate(visions):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(100 + i)
+                clip.append(tiny_clip(vision))
+    run = preset_terms(method, ddpm, source, dino=dino, clip=clip, ncuts=ncuts, seed=seed,
+                       resample_steps=resample_steps)
+    return run.to(device) if torch.device(device).type != "cpu" else run
 
 
 if __name__ == "__main__":

@@ -115,21 +115,51 @@ def load_to_device(models: list[ManagedModel], memory_required: int = 0) -> None
         mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required, force_full_load=True)
 
 
-class Progress:
-    """ComfyUI's progress bar with a preview of the predicted x0; checks Cancel on every update."""
+def preview_method() -> str | None:
+    """ComfyUI's ``--preview-method`` ("none", "auto", "latent2rgb", "taesd"), read when a node runs (a
+    prompt's own preview setting, where ComfyUI supports one, lands there too); None when this ComfyUI
+    has no such setting."""
+    try:
+        from comfy.cli_args import args
+    except Exception:  # noqa: BLE001 -- an older or trimmed ComfyUI: keep the previews
+        return None
+    method = getattr(args, "preview_method", None)
+    return None if method is None else str(getattr(method, "value", method))
 
-    def __init__(self, total: int, preview_every: int = 1, preview_size: int = 512):
+
+def comfy_preview_size(default: int = 512) -> int:
+    """ComfyUI's ``--preview-size`` (512 when absent)."""
+    try:
+        from comfy.cli_args import args
+    except Exception:  # noqa: BLE001
+        return default
+    return int(getattr(args, "preview_size", default) or default)
+
+
+class Progress:
+    """ComfyUI's progress bar with a preview of the predicted x0; checks Cancel on every update.
+
+    Previews follow ComfyUI's ``--preview-method`` like its own samplers: "none" sends none, and then
+    an update reads nothing back from the device (the step loop never waits for the GPU on our
+    account); any other method previews every ``preview_every`` steps (1 = every step, as ComfyUI's
+    samplers do) and the last one. Only a step that sends a preview copies its x0 (one image) to the host.
+    """
+
+    def __init__(self, total: int, preview_every: int = 1, preview_size: int | None = None,
+                 previews: bool | None = None):
         import comfy.utils
 
         self.bar = comfy.utils.ProgressBar(total)
-        self.total, self.preview_every, self.preview_size = total, preview_every, preview_size
+        self.total, self.preview_every = total, preview_every
+        self.preview_size = preview_size if preview_size is not None else comfy_preview_size()
+        self.previews = previews if previews is not None else preview_method() != "none"
 
     def __call__(self, info: dict) -> None:
         done = info["i"] + 1
         if info["total"] != self.total:  # restarts add steps
             self.total = info["total"]
         preview = None
-        if done % self.preview_every == 0 or done == self.total:
+        if self.previews and (done % self.preview_every == 0 or done == self.total):
             preview = ("JPEG", to_pil(info["predicted_x0"][0]), self.preview_size)
         self.bar.update_absolute(done, self.total, preview)
 

@@ -86,8 +86,9 @@ def server(comfy, tmp_path_factory):
 
     models = tmp_path_factory.mktemp("comfy_models")
     write_tiny_models(models)
+    # previews follow --preview-method (ComfyUI's default: none); on here so /ws carries them
     srv = ComfyServer(comfy.comfy_dir, comfy.python, ROOT, models_dir=models,
-                      workdir=tmp_path_factory.mktemp("comfy_server"))
+                      workdir=tmp_path_factory.mktemp("comfy_server"), extra_args=("--preview-method", "auto"))
     try:
         srv.start()
     except ServerError as exc:

@@ -105,3 +105,27 @@ def test_gradient_through_unet(ref, tensors, unet):
     (grad,) = torch.autograd.grad(loss, x)
     assert_close(loss.reshape(-1), tensors["grad_pred_xstart.loss"].reshape(-1), atol(ref, "grad_pred_xstart.loss"), what="loss")
     assert_close(grad, tensors["grad_pred_xstart.grad_x_t"], atol(ref, "grad_pred_xstart.grad_x_t"), what="grad")
+
+
+def test_device_copies_once_per_table_and_never_stale():
+    """Each schedule table (derived ones included) is one persistent tensor copied once per device; a copy
+    belongs to its table's identity while the table lives, so a new tensor never finds a dead one's copy."""
+    import gc
+
+    from core.diffusion.schedule import on_device
+
+    s = DiffusionSchedule.create(1000, "linear", "10")
+    assert s.log_betas is s.log_betas and torch.equal(s.log_betas, torch.log(s.betas))
+    assert torch.equal(s.fixed_large_variance, torch.cat([s.posterior_variance[1:2], s.betas[1:]]))
+    assert torch.equal(s.log_fixed_large_variance, torch.log(s.fixed_large_variance))
+    meta = torch.device("meta")
+    assert s.to_device(meta) is s
+    for name in s.TABLES:
+        table = getattr(s, name)
+        assert on_device(table, meta) is on_device(table, "meta") and on_device(table, meta).dtype == table.dtype
+    temp = torch.ones(4, dtype=torch.float64)
+    first = on_device(temp, meta)
+    del temp
+    gc.collect()
+    other = torch.zeros(4, dtype=torch.float64)
+    assert on_device(other, meta) is not first

@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from ..devices import constant
 from .cutouts import FAITHFUL_TRANSLATE, AugmentParams, AugmentSettings, make_cutouts
 from ..diffusion.guidance import StepContext, noise_mixed_input
 from ..diffusion.schedule import DiffusionSchedule
@@ -47,8 +48,8 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def clip_normalize(pixels01: torch.Tensor, clip: Any) -> torch.Tensor:
     """CLIP mean / std normalisation of [0, 1] images (spec 3.3)."""
-    mean = torch.as_tensor(clip.mean, dtype=pixels01.dtype, device=pixels01.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(clip.std, dtype=pixels01.dtype, device=pixels01.device).view(1, -1, 1, 1)
+    mean = constant(clip.mean, pixels01.device, pixels01.dtype).view(1, -1, 1, 1)  # made once, not per step
+    std = constant(clip.std, pixels01.device, pixels01.dtype).view(1, -1, 1, 1)
     return (pixels01 - mean) / std
 
 

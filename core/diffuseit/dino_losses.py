@@ -165,7 +165,9 @@ def _rows(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _per_row(value: Union[float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
+    return torch.full((), value, dtype=like.dtype, device=like.device)  # a fill, not a host-to-device copy
 
 
 # --------------------------------------------------------------------------- guidance terms

@@ -24,7 +24,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch
 
-from .schedule import DiffusionSchedule
+from .schedule import DiffusionSchedule, on_device
 
 
 @dataclass
@@ -122,8 +122,9 @@ def combine(*parts: Optional[Sequence[Any]]) -> tuple:
 def noise_mixed_input(predicted_x0: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """Upstream's "noisy augmentation" x_mix, §3.5 step 3: ``x0 * f_t + x_t * (1 - f_t)``,
     ``f_t = sqrt(1 - abar_t)`` at the respaced index. ``f_t`` and ``1 - f_t`` are formed in
-    float64 and cast separately, as upstream multiplies by a float64 numpy scalar."""
-    f64 = ctx.schedule.sqrt_one_minus_alphas_cumprod.to(ctx.t_index.device)[ctx.t_index]
+    float64 and cast separately, as upstream multiplies by a float64 numpy scalar (the float64 table's
+    device copy is made once per schedule, not per call)."""
+    f64 = on_device(ctx.schedule.sqrt_one_minus_alphas_cumprod, ctx.t_index.device)[ctx.t_index]
     shape = (-1,) + (1,) * (predicted_x0.dim() - 1)
     f = f64.to(predicted_x0.dtype).view(shape).to(predicted_x0.device)
     g = (1.0 - f64).to(predicted_x0.dtype).view(shape).to(predicted_x0.device)

@@ -9,11 +9,12 @@ Indices passed to these functions are *respaced* indices (0..N-1); the UNet itse
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, NamedTuple, Sequence, Union
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 Spacing = Union[str, int, Sequence[int], None]
 
@@ -106,6 +107,35 @@ class DiffusionSchedule:
     def num_timesteps(self) -> int:
         return int(self.betas.shape[0])
 
+    # Tables derived from the ones above, computed once per schedule (float64, CPU) so that each is one
+    # persistent tensor: its device copy is then made once too (see on_device), not rebuilt every step.
+    @cached_property
+    def log_betas(self) -> torch.Tensor:
+        """log beta_t: the upper end of the learned-range variance (Nichol & Dhariwal eq. 15)."""
+        return torch.log(self.betas)
+
+    @cached_property
+    def fixed_large_variance(self) -> torch.Tensor:
+        """The fixed-large variance beta_t, with beta~_1 at the first step (guided-diffusion's FIXED_LARGE)."""
+        return torch.cat([self.posterior_variance[1:2], self.betas[1:]])
+
+    @cached_property
+    def log_fixed_large_variance(self) -> torch.Tensor:
+        return torch.log(self.fixed_large_variance)
+
+    TABLES = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+              "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+              "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+              "timestep_map", "log_betas", "fixed_large_variance", "log_fixed_large_variance")
+
+    def to_device(self, device: Union[str, torch.device]) -> "DiffusionSchedule":
+        """Copy every table to ``device`` now (once per schedule and device; later lookups find the copies).
+        Optional: a lookup copies a table on first use anyway. Returns self."""
+        device = torch.device(device)
+        for name in self.TABLES:
+            on_device(getattr(self, name), device)
+        return self
+
     @classmethod
     def from_betas(cls, betas: torch.Tensor, timestep_map: Iterable[int] | None = None) -> "DiffusionSchedule":
         betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -149,10 +179,11 @@ class DiffusionSchedule:
         return on_device(self.timestep_map, t_index.device)[t_index]
 
 
-# Device copies of the schedule's CPU arrays, made once: a blocking host-to-device copy per lookup would
-# make the host wait for all queued GPU work ~10 times per step.
-# Keyed by id (tensors compare element-wise, so they cannot be weak dict keys); an entry goes with its array.
-_DEVICE_COPIES: dict[int, dict] = {}
+# Device copies of the schedule's CPU tables, made once: a blocking host-to-device copy per lookup would
+# make the host wait for all queued GPU work ~10 times per step. Keyed by the table's identity, weakly
+# (an entry goes with its table, so a new tensor can never find a dead one's copy); the schedule's tables,
+# derived ones included, are persistent tensors, so each is copied once per schedule and device.
+_DEVICE_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def upstream_timestep_index(t: torch.Tensor, num_steps: int, diffusion_steps: int = 1000) -> torch.Tensor:
@@ -163,18 +194,22 @@ def upstream_timestep_index(t: torch.Tensor, num_steps: int, diffusion_steps: in
     return torch.floor(t.to(torch.float64) * num_steps / diffusion_steps).to(torch.int64)
 
 
-def on_device(array: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``array`` on ``device``, copied at most once per (array, device)."""
+def on_device(array: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """``array`` on ``device``, copied at most once per (array, device) for as long as ``array`` lives.
+
+    Pass persistent tables (a schedule's attributes), never temporaries: a temporary is a new key each
+    call and would be copied each time.
+    """
+    device = torch.device(device)
     if array.device == device:
         return array
-    key = id(array)
-    copies = _DEVICE_COPIES.get(key)
+    copies = _DEVICE_COPIES.get(array)
     if copies is None:
-        copies = _DEVICE_COPIES[key] = {}
-        weakref.finalize(array, _DEVICE_COPIES.pop, key, None)
-    if device not in copies:
-        copies[device] = array.to(device)
-    return copies[device]
+        copies = _DEVICE_COPIES[array] = {}
+    copy = copies.get(device)
+    if copy is None:
+        copy = copies[device] = array.to(device)
+    return copy
 
 
 def extract(array: torch.Tensor, t_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -232,15 +267,14 @@ def p_mean_variance(schedule: DiffusionSchedule, model_output: torch.Tensor, x_t
     if learn_sigma:
         eps, v = model_output[:, :channels], model_output[:, channels:]
         min_log = extract(schedule.posterior_log_variance_clipped, t_index, x_t)
-        max_log = extract(torch.log(schedule.betas), t_index, x_t)
+        max_log = extract(schedule.log_betas, t_index, x_t)
         frac = (v + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
         variance = torch.exp(log_variance)
     else:
         eps = model_output[:, :channels]
-        large = torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]])
-        variance = extract(large, t_index, x_t).expand_as(x_t)
-        log_variance = extract(torch.log(large), t_index, x_t).expand_as(x_t)
+        variance = extract(schedule.fixed_large_variance, t_index, x_t).expand_as(x_t)
+        log_variance = extract(schedule.log_fixed_large_variance, t_index, x_t).expand_as(x_t)
     pred_xstart = predict_x0_from_eps(schedule, x_t, t_index, eps)
     if clip_denoised:
         pred_xstart = pred_xstart.clamp(-1, 1)

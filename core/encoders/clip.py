@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..devices import constant
 from .clip_weights import OPENAI_ARCHIVE_METADATA, ClipLoadError, PathLike, read_clip_weights, read_torchscript_weights
 
 __all__ = ["ClipModel", "ClipEnsemble", "ClipLoadError", "MissingClipWeightsError", "MODEL_FOLDER",
@@ -104,8 +105,8 @@ class ClipModel:
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """CLIP normalisation of [0, 1] images NCHW (or CHW): (x - mean) / std per channel."""
-        mean = torch.tensor(self.mean, dtype=x01.dtype, device=x01.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=x01.dtype, device=x01.device).view(3, 1, 1)
+        mean = constant(self.mean, x01.device, x01.dtype).view(3, 1, 1)  # made once per device, not per call
+        std = constant(self.std, x01.device, x01.dtype).view(3, 1, 1)
         return (x01 - mean) / std
 
 
