@@ -55,7 +55,7 @@ def load_mask_pil(mask: Image.Image, size: int = 256, invert: bool = False) -> t
     (so 1/255 counts), binarised to 0/255, ``255 - v`` when inverted, then only the red channel.
     An all-zero result is returned as is (upstream does not reject it; see :func:`check_mask`).
     """
-    rgb = mask.convert("RGB")
+    rgb = _mask_rgb8(mask)
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
     values = (np.array(rgb, dtype=np.uint8) > 0.5).astype(np.uint8) * 255
@@ -63,6 +63,29 @@ def load_mask_pil(mask: Image.Image, size: int = 256, invert: bool = False) -> t
         values = 255 - values
     tensor = torch.from_numpy(values).permute(2, 0, 1).float().div(255)
     return tensor[:1].unsqueeze(0)
+
+
+def _mask_rgb8(mask: Image.Image) -> Image.Image:
+    from .images import pil_to_rgb8  # 16-bit grayscale scaled to 8 bits, not clipped
+
+    return pil_to_rgb8(mask)
+
+
+def mask_from_pil(mask: Image.Image) -> torch.Tensor:
+    """A mask file at its own resolution, upstream's channel rule (spec 4.2, section 9 item 7):
+    PIL RGB, then the **red channel** only (green / blue ignored, alpha dropped), as float32
+    ``(1, 1, H, W)`` in [0, 1] (value / 255). Binarisation (any non-zero 8-bit value = edit),
+    inversion and resizing to the image are :func:`prepare_mask`'s. The CLI's ``--mask`` and
+    :func:`load_mask_pil` both read masks by this rule.
+    """
+    red = np.array(_mask_rgb8(mask), dtype=np.uint8)[..., 0]
+    return torch.from_numpy(red.astype(np.float32) / 255.0)[None, None]
+
+
+def load_mask_file(path: str) -> torch.Tensor:
+    """:func:`mask_from_pil` of an image file."""
+    with Image.open(path) as im:
+        return mask_from_pil(im)
 
 
 def no_mask_like(image: torch.Tensor) -> torch.Tensor:
