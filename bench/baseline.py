@@ -21,7 +21,7 @@ from core.blended_losses import MaskedCLIPLoss
 from core.clip_losses import CLIPDirectionalLoss
 from core.guidance import StepContext, noise_mixed_input
 from core.guided import FiniteWatch, guidance_gradient, program, renoise_one_step
-from core.sampling import NoiseSource, ddpm_step, model_output
+from core.sampling import STREAM_AUGMENT, NoiseSource, ddpm_step, model_output, row_seed
 from core.schedule import p_mean_variance, q_sample
 from core.vit_losses import _CACHE_KEY, DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
@@ -94,8 +94,9 @@ class RowRun:
         self.b, self.rows = b, rows
         self.source = b.source[rows]
         n = len(rows)
-        self.noise = NoiseSource(seed + rows[0], n, b.device)
-        self.state: dict = {"generator": [torch.Generator("cpu").manual_seed((seed + r + 7919) % 2 ** 64) for r in rows]}
+        self.noise = NoiseSource(seed, n, b.device, first_row=rows[0])
+        self.state: dict = {"generator": [torch.Generator("cpu").manual_seed(row_seed(seed, r, STREAM_AUGMENT))
+                                          for r in rows]}
         self.state["cutout_generator"] = self.state["generator"]
         self.blender = b.blend.prepare(self.source) if b.blend is not None else None
         if self.blender is not None:

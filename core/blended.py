@@ -166,11 +166,14 @@ class BlendedSampleResult:
 
 def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tuple, *, samples: int = 1,
                    seed: int = 0, respacing: str = "100", options: GuidedSamplerOptions = GuidedSamplerOptions(),
-                   chunk_size: int = 0, callback: Optional[Callable[[dict], None]] = None) -> BlendedSampleResult:
+                   chunk_size: int = 0, callback: Optional[Callable[[dict], None]] = None,
+                   first_row: int = 0) -> BlendedSampleResult:
     """Blended Diffusion on images of any size: per image, crop a square around its mask (with
     ``crop_margin`` of context; small images are upscaled), run the guided sampler with the
     background blend at model resolution, and stitch the edits back (pixels outside the mask are
-    returned unchanged). Row r of the result uses seed + r, as in :func:`sample_many`."""
+    returned unchanged). Row r of the result is row ``first_row + r`` of the run seeded with ``seed``
+    (``core.sampling.row_seed``), as in :func:`sample_many`: a one-sample call with ``first_row=r``
+    reproduces it."""
     size, device = ddpm.image_size, ddpm.device
     outputs, edits, masks, restarts = [], [], [], []
     schedule = ddpm.schedule(respacing)
@@ -180,8 +183,8 @@ def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tupl
         full_mask, box, crop, crop_mask = crop_to_model(image, spec, size, index, images.shape[0])
         blend = BackgroundBlend(crop_mask, spec.mode, spec.enforce_background)
         result = sample_many(ddpm.unet, schedule, crop, terms, samples_per_image=samples,
-                             seed=seed + index * samples, chunk_size=chunk_size, options=options, blend=blend,
-                             callback=relay.next_run(), learn_sigma=ddpm.learn_sigma)
+                             seed=seed, first_row=first_row + index * samples, chunk_size=chunk_size,
+                             options=options, blend=blend, callback=relay.next_run(), learn_sigma=ddpm.learn_sigma)
         outputs.append(stitch_back(image, result.images, full_mask, box, feather=spec.feather))
         edits.append(result.images)
         masks.append(crop_mask.expand(samples, -1, -1, -1))

@@ -8,8 +8,9 @@ same values, so here a single forward with grad provides the posterior *and* the
 
 Options cover both methods: DiffuseIT's resampling start (repeat the first guided step N times,
 re-noising in between) and range restart; Blended Diffusion's background blend after every step.
-Rows of a batch are independent runs (their own noise streams, their own restarts), so a batch of N
-equals N serial runs with seeds seed, seed+1, ...
+Rows of a batch are independent runs (their own noise streams, their own restarts): row r draws from
+generators seeded by ``core.sampling.row_seed(seed, r)`` (a SplitMix64 mix of seed and row, so nearby
+seeds share no row), and a batch of N equals N serial runs with the same seed and ``first_row`` 0..N-1.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .guidance import StepContext
-from .sampling import NoiseSource, ddim_step, ddpm_step, model_output
+from .sampling import STREAM_AUGMENT, NoiseSource, ddim_step, ddpm_step, model_output, row_seed
 from .devices import to_device
 from .schedule import DiffusionSchedule, MeanVariance, extract, p_mean_variance, q_sample
 
@@ -91,27 +92,33 @@ def renoise_one_step(schedule: DiffusionSchedule, x: torch.Tensor, t_index: torc
 def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: torch.Tensor, terms: Sequence[Any], *,
                   seed: int = 0, options: GuidedSamplerOptions = GuidedSamplerOptions(), blend: Any = None,
                   y: Optional[torch.Tensor] = None, noise_source: Any = None,
-                  callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True) -> GuidedResult:
+                  callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True,
+                  first_row: int = 0) -> GuidedResult:
     """Translate/edit ``source`` ([B,3,H,W] in [-1,1], one row per sample) under the guidance ``terms``.
 
     ``terms`` are guidance-term values (see ``core.guidance``); each is prepared once here. ``blend``
     (optional) has ``prepare(source) -> prepared`` with ``prepared.after_step(x, t_index, noise_source, schedule)``
     and ``prepared.finalize(x0)`` (Blended Diffusion). ``callback`` gets ``{i, total, t_index, t, x,
     predicted_x0, losses}`` after each step and may raise to stop (Cancel).
+
+    Seeds: row b is row ``first_row + b`` of the run seeded with ``seed``; its noise comes from
+    ``row_seed(seed, first_row + b)`` and its augmentations from ``row_seed(seed, first_row + b, STREAM_AUGMENT)``
+    (``core.sampling.row_seed``). Row r of a batch is therefore reproduced alone by
+    ``guided_sample(unet, schedule, source[r:r + 1], terms, seed=seed, first_row=r)``.
     """
     device = next(unet.parameters()).device
     source = source.to(device, torch.float32)
     batch = source.shape[0]
-    noise = noise_source if noise_source is not None else NoiseSource(seed, batch, device)
+    noise = noise_source if noise_source is not None else NoiseSource(seed, batch, device, first_row)
     steps = program(schedule, options)
     prepared = [term.prepare(source) for term in terms]
     blender = blend.prepare(source) if blend is not None else None
     top = steps[0][0]
     state: dict = {}
     if noise_source is None:
-        # per-row generators for random augmentations (CLIP cuts, cutouts): row b depends on seed + b only
-        state["generator"] = state["cutout_generator"] = [torch.Generator("cpu").manual_seed((int(seed) + b + 7919) % 2 ** 64)
-                                                          for b in range(batch)]
+        # per-row generators for random augmentations (CLIP cuts, cutouts): row b depends on (seed, first_row + b) only
+        state["generator"] = state["cutout_generator"] = [
+            torch.Generator("cpu").manual_seed(row_seed(seed, first_row + b, STREAM_AUGMENT)) for b in range(batch)]
     if blender is not None and getattr(blender, "mask", None) is not None:
         state["blend_mask"] = blender.mask  # masked losses without a mask of their own follow the blend
 
@@ -260,12 +267,14 @@ def _restart_rows(per_term: dict, options: GuidedSamplerOptions, t_list: list, t
 def sample_many(unet: torch.nn.Module, schedule: DiffusionSchedule, sources: torch.Tensor, terms: Sequence[Any], *,
                 samples_per_image: int = 1, seed: int = 0, chunk_size: int = 0,
                 options: GuidedSamplerOptions = GuidedSamplerOptions(), blend: Any = None,
-                callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True) -> GuidedResult:
+                callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True,
+                first_row: int = 0) -> GuidedResult:
     """Run several source images x several samples as batches (instead of upstream's serial loop).
 
-    Rows are image-major (all samples of image 0, then image 1, ...) and row r uses seed + r, so the
-    result does not depend on ``chunk_size`` (0 = everything in one batch). The callback's ``i`` and
-    ``total`` count steps over all chunks.
+    Rows are image-major (all samples of image 0, then image 1, ...) and row r is row ``first_row + r``
+    of the run seeded with ``seed`` (generators from ``core.sampling.row_seed(seed, first_row + r)``), so
+    the result does not depend on ``chunk_size`` (0 = everything in one batch) and row r is reproduced
+    alone by a one-row call with ``first_row=r``. The callback's ``i`` and ``total`` count steps over all chunks.
     """
     if samples_per_image < 1:
         raise ValueError(f"samples_per_image must be >= 1, got {samples_per_image}")
@@ -281,8 +290,8 @@ def sample_many(unet: torch.nn.Module, schedule: DiffusionSchedule, sources: tor
     for lo, hi in chunks:
         part_terms = [select_rows(term, lo, hi, n) for term in terms]
         part_blend = select_rows(blend, lo, hi, n) if blend is not None else None
-        res = guided_sample(unet, schedule, rows[lo:hi], part_terms, seed=seed + lo, options=options, blend=part_blend,
-                            callback=relay.next_run(), learn_sigma=learn_sigma)
+        res = guided_sample(unet, schedule, rows[lo:hi], part_terms, seed=seed, options=options, blend=part_blend,
+                            callback=relay.next_run(), learn_sigma=learn_sigma, first_row=first_row + lo)
         images.append(res.images)
         samples.append(res.samples)
         restarts.extend(res.restarts)
