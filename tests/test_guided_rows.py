@@ -69,3 +69,36 @@ def test_nan_in_several_rows_names_each(unet):
         guided_sample(unet, sched, torch.zeros(2, 3, 32, 32), [PoisonAll(0, 0, seen)],
                       options=GuidedSamplerOptions(skip_timesteps=5))
 
+
+@dataclass(frozen=True)
+class PerRow:
+    """A loss whose value tells the rows apart (the source's mean, per row)."""
+    name: str = "per_row"
+
+    def prepare(self, source):
+        return self
+
+    def __call__(self, x0, ctx):
+        return ctx.source.flatten(1).mean(1) + 0 * x0.flatten(1).sum(1)
+
+
+def test_sample_many_keeps_the_losses_in_row_order(unet):
+    sched = DiffusionSchedule.create(1000, "linear", "10")
+    opts = GuidedSamplerOptions(skip_timesteps=7)
+    sources = torch.stack([torch.full((3, 32, 32), v) for v in (-0.5, 0.25)])
+    expected = torch.tensor([-0.5, -0.5, 0.25, 0.25])  # rows are image-major: 2 samples of image 0, then 1
+    steps = len(program(sched, opts))
+    for chunk in (0, 1, 3):
+        res = sample_many(unet, sched, sources, [PerRow()], samples_per_image=2, seed=0, chunk_size=chunk, options=opts)
+        assert list(res.losses) == ["per_row"] and len(res.losses["per_row"]) == steps
+        for value in res.losses["per_row"]:
+            assert torch.allclose(value, expected), (chunk, value)
+
+
+def test_concat_losses_pads_shorter_chunks_with_nan():
+    from core.guided import concat_losses
+    a = (2, {"range": [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([5.0, 6.0])]})
+    b = (1, {"range": [torch.tensor([7.0]), torch.tensor([8.0])]})  # one step fewer
+    out = concat_losses([a, b])["range"]
+    assert [v.tolist()[:2] for v in out] == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert [v[2].item() for v in out[:2]] == [7.0, 8.0] and torch.isnan(out[2][2])
