@@ -22,7 +22,7 @@ from core.diffuseit.clip_direction import CLIPDirectionalLoss
 from core.diffusion.guidance import Replay, StepContext, StepState, noise_mixed_input
 from core.diffusion.finite_watch import FiniteWatch
 from core.diffusion.guided_loop import guidance_gradient, program, renoise_one_step
-from core.diffusion.sampling import NoiseSource, ddpm_step, model_output
+from core.diffusion.sampling import STREAM_AUGMENT, NoiseSource, ddpm_step, model_output, row_seed
 from core.diffusion.schedule import p_mean_variance, q_sample
 from core.diffuseit.dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
@@ -95,9 +95,9 @@ class RowRun:
         self.b, self.rows = b, rows
         self.source = b.source[rows]
         n = len(rows)
-        self.noise = NoiseSource(seed + rows[0], n, b.device)
+        self.noise = NoiseSource(seed, n, b.device, first_row=rows[0])
         self.state = StepState()
-        self.generators = [torch.Generator("cpu").manual_seed((seed + r + 7919) % 2 ** 64) for r in rows]
+        self.generators = [torch.Generator("cpu").manual_seed(row_seed(seed, r, STREAM_AUGMENT)) for r in rows]
         self.blender = b.blend.prepare(self.source) if b.blend is not None else None
         self.blend_mask = self.blender.mask if self.blender is not None else None
         self.prev_x0: Optional[torch.Tensor] = None

@@ -188,16 +188,13 @@ def cmd_diffuseit_image(args: argparse.Namespace) -> int:
 
 
 def cmd_blended(args: argparse.Namespace) -> int:
-    from .blended.pipeline import blended_edit
+    from .blended import blended_edit
+    from .io import load_mask_file
 
     device = args.device or default_device()
     ddpm = _ddpm(args, device)
     image = load_image(args.image).to(device)
-    from PIL import Image
-    import numpy as np
-
-    with Image.open(args.mask) as m:
-        mask = torch.from_numpy(np.asarray(m.convert("L"), dtype=np.float32) / 255.0)[None, None]
+    mask = load_mask_file(args.mask)  # upstream's rule: the red channel, any non-zero value = edit
     clip = _clip_models(args, [args.clip_model], device)[0]
     result = blended_edit(ddpm, clip, image, mask, args.prompt, samples=args.samples, seed=args.seed,
                           skip_timesteps=args.skip_timesteps, respacing=args.respacing, chunk_size=args.chunk_size,
@@ -277,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("blended", help="Blended Diffusion: edit the masked region towards a prompt, ranked")
     _model_args(p)
     p.add_argument("--image", required=True, help="image of any size")
-    p.add_argument("--mask", required=True, help="mask image, white = edit")
+    p.add_argument("--mask", required=True, help="mask image: any non-zero red value = edit (upstream's rule; green/blue ignored)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--clip-model", default="ViT-B-16")
     p.add_argument("--invert-mask", action="store_true")

@@ -44,11 +44,40 @@ def from_model(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1) / 2).movedim(1, -1)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def pil_to_rgb8(im: Image.Image) -> Image.Image:
+    """A PIL image as 8-bit RGB, 16-bit grayscale *scaled* (0..65535 -> 0..255), not clipped.
+
+    PIL opens 16-bit grayscale PNG/TIFF as ``I;16`` (``I;16B``, ``I;16L``, ``I;16N``; ``I`` in older
+    Pillow), and its ``convert("RGB")`` clips those values at 255, which turns a 0..65535 ramp 99.6%
+    white. Here they are divided by 257 (65535 -> 255) and rounded, like every 8-bit view of 16-bit
+    data; 16-bit RGB(A) is already reduced to 8 bits by PIL itself. Other modes go through
+    ``convert("RGB")`` unchanged, so 8-bit files give the same pixels as before.
+    """
+    if im.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(im).astype(np.float64)
+        gray = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+def pil_to_float(im: Image.Image) -> np.ndarray:
+    """A PIL image as float32 ``[H, W, 3]`` in [0, 1]; 16-bit grayscale keeps its full precision
+    (``value / 65535``), every other mode is PIL's RGB conversion / 255."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(im).astype(np.float32) / 65535.0
+        return np.repeat(np.clip(values, 0.0, 1.0)[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
 def load_image(path: str) -> torch.Tensor:
-    """Read any PIL-readable file as [1,3,H,W] in [-1,1] (alpha dropped, grayscale expanded, 16-bit scaled)."""
+    """Read any PIL-readable file as [1,3,H,W] in [-1,1] (alpha dropped, grayscale expanded, 16-bit scaled:
+    ``I;16*`` / ``I`` values 0..65535 map to 0..1, see :func:`pil_to_float`)."""
     with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    return to_model(torch.from_numpy(rgb)[None])
+        rgb = pil_to_float(im)
+    return to_model(torch.from_numpy(np.ascontiguousarray(rgb))[None])
 
 
 def save_image(x: torch.Tensor, path: str) -> list[str]:
@@ -103,8 +132,9 @@ def _open_pil(image: ImageSource) -> Image.Image:
 
 def load_image_pil(image: ImageSource, size: int = 256) -> torch.Tensor:
     """Upstream's source preprocessing exactly (both papers): PIL RGB, ``resize((size, size), LANCZOS)``
-    (aspect ratio ignored), [-1, 1], shape (1, 3, size, size). ``image``: a path or a PIL image."""
-    rgb = _open_pil(image).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+    (aspect ratio ignored), [-1, 1], shape (1, 3, size, size). ``image``: a path or a PIL image.
+    16-bit grayscale is scaled to 8 bits first (:func:`pil_to_rgb8`; upstream's ``convert("RGB")`` clips it)."""
+    rgb = pil_to_rgb8(_open_pil(image)).resize((size, size), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
     return (pixels * 2 - 1).unsqueeze(0)
 
@@ -116,7 +146,7 @@ def load_mask_pil(mask: ImageSource, size: int = 256, invert: bool = False) -> t
     counts), binarised to 0/255, ``255 - v`` when inverted, then only the red channel. An all-zero
     result is returned as is (upstream does not reject it; see :func:`core.blended.masks.check_mask`).
     """
-    rgb = _open_pil(mask).convert("RGB")
+    rgb = pil_to_rgb8(_open_pil(mask))
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
     values = (np.array(rgb, dtype=np.uint8) > 0.5).astype(np.uint8) * 255
@@ -124,3 +154,19 @@ def load_mask_pil(mask: ImageSource, size: int = 256, invert: bool = False) -> t
         values = 255 - values
     tensor = torch.from_numpy(values).permute(2, 0, 1).float().div(255)
     return tensor[:1].unsqueeze(0)
+
+
+def mask_from_pil(mask: ImageSource) -> torch.Tensor:
+    """A mask file at its own resolution, by upstream's channel rule (Blended Diffusion spec 4.2, §9 item 7):
+    PIL RGB, then the **red channel** only (green / blue ignored, alpha dropped), as float32
+    ``(1, 1, H, W)`` in [0, 1] (value / 255). Binarisation (any non-zero 8-bit value = edit),
+    inversion and resizing to the image are :func:`core.blended.masks.prepare_mask`'s. The CLI's
+    ``--mask`` and :func:`load_mask_pil` both read masks by this rule.
+    """
+    red = np.array(pil_to_rgb8(_open_pil(mask)), dtype=np.uint8)[..., 0]
+    return torch.from_numpy(red.astype(np.float32) / 255.0)[None, None]
+
+
+def load_mask_file(path: Union[str, os.PathLike]) -> torch.Tensor:
+    """:func:`mask_from_pil` of an image file."""
+    return mask_from_pil(path)

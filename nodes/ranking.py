@@ -1,4 +1,9 @@
-"""CLIP Rank: sort a batch of edits by masked CLIP distance to the prompt (best first)."""
+"""CLIP Rank: sort a batch of edits by masked CLIP distance to the prompt (best first).
+
+With a mask (or a Background Blend) it scores what Blended Diffusion edited and what upstream and
+``core.blended.blended_edit`` rank: the model-size crop around the mask (``core.blended.ranking_crops``),
+not the whole stitched photo, so the same samples come out in the same order from the node and the library.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ import json
 import torch
 from comfy_api.latest import io
 
-from ..core.io import to_model
-from ..core.blended.masks import prepare_mask
+from ..core.blended import BlendSpec, ranking_crops
 from ..core.blended.ranking import rank_results
+from ..core.io import to_model
 from . import comfy_bridge as bridge
-from .types import CLIPType
+from .types import BlendType, CLIPType
 
 CATEGORY = "DiffuseIT-Blended/blended diffusion"
 
@@ -33,6 +38,16 @@ class CLIPRank(io.ComfyNode):
                                          "background, no antialias, sort by 4-decimal string). Off: the cleaner "
                                          "variant that scores what the guidance saw."),
                 io.Mask.Input("mask", optional=True, tooltip="The edit mask (Background Blend's); none = whole image."),
+                io.Int.Input("crop_size", default=256, min=0, max=4096,
+                             tooltip="The model's resolution (256 for the ImageNet model). Each image is scored on the "
+                                     "square around the mask that Guided Sampler edited (crop_margin context, at least "
+                                     "this size), resized to this size, as the official ranking does. 0 = score the "
+                                     "whole image."),
+                io.Float.Input("crop_margin", default=0.25, min=0.0, max=4.0, step=0.05,
+                               tooltip="Background Blend's crop_margin (ignored when a blend is wired)."),
+                BlendType.Input("blend", optional=True,
+                                tooltip="The Background Blend given to Guided Sampler: its mask, invert, dilate and "
+                                        "crop_margin are used (instead of mask / crop_margin)."),
             ],
             outputs=[
                 io.Image.Output(display_name="ranked", tooltip="All images, best first."),
@@ -42,15 +57,26 @@ class CLIPRank(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, clip, prompt, top_k=1, faithful=False, mask=None) -> io.NodeOutput:
+    def execute(cls, images, clip, prompt, top_k=1, faithful=False, mask=None, crop_size=256, crop_margin=0.25,
+                blend=None) -> io.NodeOutput:
         if not prompt or not prompt.strip():
             raise ValueError("CLIP Rank: prompt is empty")
         model = clip.value[0]
         bridge.load_to_device([clip])
         with torch.inference_mode(False):
             x = to_model(images.clone()).to(model.device)
-            h, w = x.shape[-2:]
-            m = torch.ones(1, 1, h, w) if mask is None else prepare_mask(mask.clone().float(), h, w, allow_full=True)
+            spec = blend if blend is not None else (
+                BlendSpec(mask.clone().float(), crop_margin=crop_margin) if mask is not None else None)
+            if spec is None:  # nothing to crop around: the whole image
+                m = torch.ones(1, 1, *x.shape[-2:])
+            elif crop_size > 0:  # the model-size crop around the mask, as Guided Sampler edited it
+                x, m = ranking_crops(x, spec, crop_size)
+            else:  # the whole image under its full-resolution mask, one mask per source image
+                groups = spec.mask.shape[0]
+                if x.shape[0] % groups:
+                    raise ValueError(f"CLIP Rank: {x.shape[0]} images cannot be split among {groups} masks")
+                m = torch.cat([spec.full_mask(x, i, groups) for i in range(groups)])
+                m = m.repeat_interleave(x.shape[0] // groups, dim=0)
             result = rank_results(x, m.to(x.device), model, prompt, top_k=min(top_k, x.shape[0]), faithful=faithful)
         ranked = images[result.order.to(images.device)]
         best = images[result.top_k.to(images.device)]

@@ -48,8 +48,9 @@ class GuidedSampler(io.ComfyNode):
                                tooltip="DDPM: guidance shifts the mean by the step variance (both papers). DDIM: score "
                                        "correction, deterministic (eta 0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Sample r of the batch uses seed + r, so results are reproducible and a batch "
-                                     "equals serial runs."),
+                             tooltip="Sample r of the batch draws from a generator seeded by a SplitMix64 mix of "
+                                     "(seed, r): results are reproducible, a batch equals serial runs, and seed and "
+                                     "seed + 1 share no sample (so 'increment' gives a fresh batch)."),
                 io.Int.Input("samples", default=1, min=1, max=256,
                              tooltip="Samples per source image (the official code's serial iterations, batched here)."),
                 io.Int.Input("chunk_size", default=0, min=0, max=256,

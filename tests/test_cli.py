@@ -107,3 +107,36 @@ def test_failed_download_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypat
         err = capsys.readouterr().err
         assert table[name][1] in err and str(target) in err and "Traceback" not in err
         assert os.listdir(target.parent) == []  # neither the file nor a .part
+
+
+def test_blended_mask_is_the_red_channel(tmp_path, capsys):
+    """The CLI reads the Blended mask by upstream's rule (spec 4.2, 9.7): any non-zero *red* value is edit;
+    a pure green region (luminance 150, red 0) is kept, a pure red one (luminance 76) is edited."""
+    import numpy as np
+
+    from core.cli import main
+    from core.io import load_mask_file
+    from core.tiny_models import write_tiny_models
+
+    models = tmp_path / "models"
+    write_tiny_models(models, dino=False, lpips=False)
+    source = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(source).save(tmp_path / "image.png")
+    mask = np.zeros((64, 64, 3), dtype=np.uint8)
+    mask[8:24, 8:24] = (255, 0, 0)  # red: edit
+    mask[40:56, 40:56] = (0, 255, 0)  # green: keep (its luminance is not zero)
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    loaded = load_mask_file(str(tmp_path / "mask.png"))
+    assert loaded.shape == (1, 1, 64, 64) and loaded[0, 0, 40:56, 40:56].max() == 0 and loaded[0, 0, 8:24, 8:24].min() == 1
+
+    code = main(["blended", "--models", str(models), "--ckpt", str(models / "guided_diffusion" / "256x256_diffusion_uncond.pt"),
+                 "--clip-model", "tiny-clip-vit", "--device", "cpu", "--respacing", "10", "--skip-timesteps", "8",
+                 "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"), "--prompt", "a red ball",
+                 "--out", str(tmp_path / "edit.png")])
+    assert code == 0
+    out = np.asarray(Image.open(capsys.readouterr().out.strip().splitlines()[0].split("\t")[0]).convert("RGB"))
+    assert (out[40:56, 40:56] == source[40:56, 40:56]).all()  # the green square is kept
+    assert (out[8:24, 8:24] != source[8:24, 8:24]).any()  # the red square is edited
+    keep = np.ones((64, 64), dtype=bool)
+    keep[8:24, 8:24] = False
+    assert (out[keep] == source[keep]).all()

@@ -3,8 +3,8 @@ stitch-back geometry, augmented cutouts, masked CLIP and background losses, CLIP
 
 from .blending import BackgroundBlend
 from .losses import BackgroundPreservationLoss, MaskedCLIPLoss, blended_guidance
-from .pipeline import BlendedResult, BlendSpec, blended_edit, blended_sample
+from .pipeline import BlendedResult, BlendSpec, blended_edit, blended_sample, crop_to_model, ranking_crops
 from .ranking import rank_results
 
 __all__ = ["BackgroundBlend", "BackgroundPreservationLoss", "MaskedCLIPLoss", "blended_guidance", "BlendedResult",
-           "BlendSpec", "blended_edit", "blended_sample", "rank_results"]
+           "BlendSpec", "blended_edit", "blended_sample", "crop_to_model", "ranking_crops", "rank_results"]

@@ -67,6 +67,47 @@ class BlendSpec:
                             dilate=self.dilate, allow_full=True)
 
 
+def crop_to_model(image: torch.Tensor, spec: BlendSpec, size: int, index: int = 0,
+                  batch: Optional[int] = None) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """The crop geometry of image ``index`` (of ``batch``): ``(full_mask, box, crop, crop_mask)``.
+
+    ``image`` is ``(rows, 3, H, W)`` (rows of that image share its mask); the mask is prepared by
+    ``spec`` (invert, dilate), the box is a square around it with ``spec.crop_margin`` context (at least
+    ``size``), and the crop and its mask are resampled to ``size``. :func:`blended_sample` edits these
+    crops; :func:`ranking_crops` cuts the same crops out of stitched results for CLIP ranking.
+    """
+    full_mask = spec.full_mask(image, index, batch).to(image.device)
+    box = plan_crop(full_mask, model_size=size, margin=spec.crop_margin)
+    crop, crop_mask = extract_crop(image, full_mask, box, size, soft_mask=spec.soft)
+    return full_mask, box, crop, crop_mask
+
+
+def ranking_crops(images: torch.Tensor, spec: BlendSpec, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model-size crops (and their masks) that :func:`blended_sample` edited, cut out of its
+    full-resolution results ``images`` (``(rows, 3, H, W)``, image-major: with a mask per image, rows
+    ``i * samples .. (i + 1) * samples - 1`` belong to image ``i``).
+
+    Blended Diffusion ranks the edit at the model's resolution (upstream and :func:`blended_edit`), not
+    the whole photo: for a small mask in a large image the full image shrunk to CLIP's input would show
+    the edit at a few dozen pixels. CLIP Rank scores these crops, so it orders the same samples as
+    :func:`blended_edit` (identically when the crop box is ``size`` wide, e.g. any mask whose box with
+    margin fits in ``size`` pixels; otherwise up to the stitch's resampling).
+    """
+    mask = spec.mask if spec.mask.dim() == 4 else spec.mask[:, None]
+    groups, rows = mask.shape[0], images.shape[0]
+    if groups > 1 and rows % groups:
+        raise ValueError(f"{rows} images cannot be split among {groups} masks: give one mask, or one per source "
+                         "image (samples of image 0 first, then image 1, ...)")
+    per = rows if groups == 1 else rows // groups
+    crops, masks = [], []
+    for index in range(groups):
+        part = images[index * per:(index + 1) * per]
+        _, _, crop, crop_mask = crop_to_model(part, spec, size, index, groups)
+        crops.append(crop)
+        masks.append(crop_mask.expand(part.shape[0], -1, -1, -1))
+    return torch.cat(crops), torch.cat(masks)
+
+
 @dataclass
 class BlendedSampleResult:
     images: torch.Tensor  # full resolution, [-1, 1], image-major rows (all samples of image 0, then 1, ...)
@@ -77,24 +118,25 @@ class BlendedSampleResult:
 
 def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tuple, *, samples: int = 1,
                    seed: int = 0, respacing: str = "100", options: GuidedSamplerOptions = GuidedSamplerOptions(),
-                   chunk_size: int = 0, callback: Optional[Callable[[dict], None]] = None) -> BlendedSampleResult:
+                   chunk_size: int = 0, callback: Optional[Callable[[dict], None]] = None,
+                   first_row: int = 0) -> BlendedSampleResult:
     """Blended Diffusion on images of any size: per image, crop a square around its mask (with
     ``crop_margin`` of context; small images are upscaled), run the guided sampler with the
     background blend at model resolution, and stitch the edits back (pixels outside the mask are
-    returned unchanged). Row r of the result uses seed + r, as in :func:`sample_many`."""
+    returned unchanged). Row r of the result is row ``first_row + r`` of the run seeded with ``seed``
+    (``core.sampling.row_seed``), as in :func:`sample_many`: a one-sample call with ``first_row=r``
+    reproduces it."""
     size, device = ddpm.image_size, ddpm.device
     outputs, edits, masks, restarts = [], [], [], []
     schedule = ddpm.schedule(respacing)
     relay = ProgressRelay(callback, runs=images.shape[0], steps_per_run=planned_steps(schedule, options, samples, chunk_size))
     for index in range(images.shape[0]):
         image = images[index:index + 1].to(device)
-        full_mask = spec.full_mask(image, index, images.shape[0]).to(device)
-        box = plan_crop(full_mask, model_size=size, margin=spec.crop_margin)
-        crop, crop_mask = extract_crop(image, full_mask, box, size, soft_mask=spec.soft)
+        full_mask, box, crop, crop_mask = crop_to_model(image, spec, size, index, images.shape[0])
         blend = BackgroundBlend(crop_mask, spec.mode, spec.enforce_background)
         result = sample_many(ddpm.unet, schedule, crop, terms, samples_per_image=samples,
-                             seed=seed + index * samples, chunk_size=chunk_size, options=options, blend=blend,
-                             callback=relay.next_run(), learn_sigma=ddpm.learn_sigma)
+                             seed=seed, first_row=first_row + index * samples, chunk_size=chunk_size,
+                             options=options, blend=blend, callback=relay.next_run(), learn_sigma=ddpm.learn_sigma)
         outputs.append(stitch_back(image, result.images, full_mask, box, feather=spec.feather))
         edits.append(result.images)
         masks.append(crop_mask.expand(samples, -1, -1, -1))

@@ -8,7 +8,7 @@ back only every few steps, naming the first bad step, row and term.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -21,8 +21,9 @@ class FiniteWatch:
     """Collects per-step "is every loss and the gradient finite" flags on the device and reads them
     back every ``every`` steps (and at the end), so the step loop does not wait for the GPU each step.
 
-    A NaN is still reported with the first guided step and the term it appeared in; at most ``every``
-    steps run on after it.
+    A NaN is still reported with the first guided step, the term it appeared in, the row that went bad
+    and *that row's* timestep (rows restart alone, so rows of one step can be at different timesteps);
+    at most ``every`` steps run on after it. Flags are kept per row: ``(terms [+ gradient], rows)``.
     """
 
     every = 8
@@ -30,12 +31,20 @@ class FiniteWatch:
     def __init__(self) -> None:
         self.pending: list = []
 
-    def record(self, per_term: dict, grad: Optional[torch.Tensor], step: int, t_index: int) -> None:
-        flags = [torch.isfinite(v).all() for v in per_term.values()]
+    @staticmethod
+    def _per_row(finite: torch.Tensor) -> torch.Tensor:
+        return finite.reshape(1) if finite.dim() == 0 else finite.reshape(finite.shape[0], -1).all(1)
+
+    def record(self, per_term: dict, grad: Optional[torch.Tensor], step: int,
+               t_index: Union[int, Sequence[int]]) -> None:
+        """Queue this step's finiteness flags; ``t_index`` is the respaced index of every row (or one int)."""
+        flags = [self._per_row(torch.isfinite(v.detach())) for v in per_term.values()]
         if grad is not None:
-            flags.append(torch.isfinite(grad).all())
+            flags.append(self._per_row(torch.isfinite(grad.detach())))
         if flags:
-            self.pending.append((step, t_index, list(per_term), torch.stack(flags)))
+            rows = max(f.shape[0] for f in flags)
+            t_rows = [int(t_index)] * rows if isinstance(t_index, int) else [int(t) for t in t_index]
+            self.pending.append((step, t_rows, list(per_term), torch.stack([f.expand(rows) for f in flags])))
 
     def check(self) -> None:
         if not self.pending:
@@ -44,10 +53,17 @@ class FiniteWatch:
         ok = torch.stack([flags.all() for *_, flags in pending]).cpu()  # the one host sync
         if bool(ok.all()):
             return
-        step, t_index, names, flags = pending[int((~ok).nonzero()[0])]
-        flags = flags.cpu().tolist()
-        bad = [name for name, good in zip(names, flags) if not good]
+        step, t_rows, names, flags = pending[int((~ok).nonzero()[0])]
+        flags = flags.cpu()
+        bad = [name for name, good in zip(names, flags.all(1).tolist()) if not good]
         what = f"loss term(s) {', '.join(bad)}" if bad else "the guidance gradient"
-        raise GuidanceError(f"{what} became NaN/inf at guided step {step} (respaced t={t_index}). "
+        rows = (~flags.all(0)).nonzero().flatten().tolist()
+        row = rows[0]
+        where = f"(respaced t={t_rows[row] if row < len(t_rows) else t_rows[0]})"
+        if len(t_rows) > 1:
+            where += f" in row {row}"
+            if len(rows) > 1:
+                where += " (also " + ", ".join(f"row {r} at t={t_rows[r]}" for r in rows[1:] if r < len(t_rows)) + ")"
+        raise GuidanceError(f"{what} became NaN/inf at guided step {step} {where}. "
                             "Lower that term's weight, use fp32, or check the inputs (an all-black or constant "
                             "image can make normalised features undefined).")

@@ -8,14 +8,15 @@ same values, so here a single forward with grad provides the posterior *and* the
 
 Options cover both methods: DiffuseIT's resampling start (repeat the first guided step N times,
 re-noising in between) and range restart; Blended Diffusion's background blend after every step.
-Rows of a batch are independent runs (their own noise streams, their own restarts), so a batch of N
-equals N serial runs with seeds seed, seed+1, ...
+Rows of a batch are independent runs (their own noise streams, their own restarts): row r draws from
+generators seeded by ``core.sampling.row_seed(seed, r)`` (a SplitMix64 mix of seed and row, so nearby
+seeds share no row), and a batch of N equals N serial runs with the same seed and ``first_row`` 0..N-1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -23,7 +24,7 @@ from ..devices import to_device
 from .finite_watch import FiniteWatch
 from .guidance import StepContext, StepState
 from .range import rows_to_restart
-from .sampling import NoiseSource, ddim_step, ddpm_step, model_output
+from .sampling import STREAM_AUGMENT, NoiseSource, ddim_step, ddpm_step, model_output, row_seed
 from .schedule import DiffusionSchedule, MeanVariance, extract, p_mean_variance, q_sample
 
 
@@ -88,26 +89,32 @@ def renoise_one_step(schedule: DiffusionSchedule, x: torch.Tensor, t_index: torc
 def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: torch.Tensor, terms: Sequence[Any], *,
                   seed: int = 0, options: GuidedSamplerOptions = GuidedSamplerOptions(), blend: Any = None,
                   y: Optional[torch.Tensor] = None, noise_source: Any = None,
-                  callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True) -> GuidedResult:
+                  callback: Optional[Callable[[dict], None]] = None, learn_sigma: bool = True,
+                  first_row: int = 0) -> GuidedResult:
     """Translate/edit ``source`` ([B,3,H,W] in [-1,1], one row per sample) under the guidance ``terms``.
 
     ``terms`` are guidance-term values (see ``core.diffusion.guidance``); each is prepared once here. ``blend``
     (optional) has ``prepare(source) -> prepared`` with ``prepared.after_step(x, t_index, noise_source, schedule)``
     and ``prepared.finalize(x0)`` (Blended Diffusion). ``callback`` gets ``{i, total, t_index, t, x,
     predicted_x0, losses}`` after each step and may raise to stop (Cancel).
+
+    Seeds: row b is row ``first_row + b`` of the run seeded with ``seed``; its noise comes from
+    ``row_seed(seed, first_row + b)`` and its augmentations from ``row_seed(seed, first_row + b, STREAM_AUGMENT)``
+    (``core.sampling.row_seed``). Row r of a batch is therefore reproduced alone by
+    ``guided_sample(unet, schedule, source[r:r + 1], terms, seed=seed, first_row=r)``.
     """
     device = next(unet.parameters()).device
     source = source.to(device, torch.float32)
     batch = source.shape[0]
-    noise = noise_source if noise_source is not None else NoiseSource(seed, batch, device)
+    noise = noise_source if noise_source is not None else NoiseSource(seed, batch, device, first_row)
     steps = program(schedule, options)
     prepared = [term.prepare(source) for term in terms]
     blender = blend.prepare(source) if blend is not None else None
     top = steps[0][0]
     state = StepState()
-    # per-row generators for random augmentations (CLIP cuts, cutouts): row b depends on seed + b only
+    # per-row generators for random augmentations (CLIP cuts, cutouts): row b depends on (seed, first_row + b) only
     generators = None if noise_source is not None else [
-        torch.Generator("cpu").manual_seed((int(seed) + b + 7919) % 2 ** 64) for b in range(batch)]
+        torch.Generator("cpu").manual_seed(row_seed(seed, first_row + b, STREAM_AUGMENT)) for b in range(batch)]
     blend_mask = getattr(blender, "mask", None)  # masked losses without a mask of their own follow the blend
     prev_x0: Optional[torch.Tensor] = None
 
@@ -133,7 +140,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
                           state=state)
         mv, grad, per_term = guidance_gradient(unet, schedule, x, t_index, prepared, ctx, active,
                                                options.clip_denoised, y, learn_sigma)
-        finite.record(per_term, grad, i, t_list[0])
+        finite.record(per_term, grad, i, t_list)
         x_t = x
         z = noise.randn(source.shape[1:], kind="step")
         if options.sampler == "ddpm":

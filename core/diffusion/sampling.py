@@ -59,15 +59,49 @@ def ddim_step(schedule: DiffusionSchedule, mv: MeanVariance, x_t: torch.Tensor, 
     return mean + nonzero * sigma * noise, pred_xstart
 
 
-class NoiseSource:
-    """Per-sample CPU generators: row b of every draw depends only on (seed + b), never on the batch.
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio, odd)
+STREAM_NOISE = 0  # the sampler's Gaussian draws (start, step, resample, background)
+STREAM_AUGMENT = 1  # random augmentations of the guidance terms (CLIP cuts, cutouts)
 
-    That makes a batch of N samples identical to N single runs with seeds seed, seed+1, ... and
-    independent of the device, like ComfyUI's CPU noise.
+
+def splitmix64(z: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood 2014): a bijective 64-bit mix."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def row_seed(seed: int, row: int, stream: int = STREAM_NOISE) -> int:
+    """The seed of row ``row``'s generator in a run seeded with ``seed``: the one place row seeds come from.
+
+    ``row_seed(seed, r)`` is output ``r + 1`` of a SplitMix64 generator started at ``seed``, i.e.
+    ``splitmix64(seed + (r + 1) * 0x9E3779B97F4A7C15 mod 2^64)``; other streams (``STREAM_AUGMENT``)
+    mix that once more with the stream number. Rows of one seed never share a generator, and neither
+    do nearby seeds: ``row_seed(s, r) == row_seed(s + k, r')`` needs ``k = (r - r') * 0x9E37...``
+    mod 2^64, astronomically far for any practical row count -- unlike ``seed + r``, where seed s + 1
+    repeated rows 1.. of seed s (ComfyUI's "increment" seed control re-delivered most of the last batch).
+
+    **Serial equivalent**: row ``r`` of a batch run with ``seed`` is the single-row run with the same
+    ``seed`` and ``first_row=r`` (``guided_sample`` / ``sample_many`` / ``blended_sample`` / ``sample``).
+    """
+    z = splitmix64((int(seed) + (int(row) + 1) * _GOLDEN) & _MASK64)
+    if stream:
+        z = splitmix64(z ^ ((int(stream) * 0xD1B54A32D192ED03) & _MASK64))
+    return z
+
+
+class NoiseSource:
+    """Per-sample CPU generators: row b of every draw depends only on ``row_seed(seed, first_row + b)``,
+    never on the batch.
+
+    That makes a batch of N samples identical to N single runs with the same seed and
+    ``first_row`` 0, 1, ..., and independent of the device, like ComfyUI's CPU noise.
     """
 
-    def __init__(self, seed: int, batch: int, device: Union[str, torch.device] = "cpu"):
-        self.generators = [torch.Generator("cpu").manual_seed((int(seed) + b) % 2 ** 64) for b in range(batch)]
+    def __init__(self, seed: int, batch: int, device: Union[str, torch.device] = "cpu", first_row: int = 0):
+        self.generators = [torch.Generator("cpu").manual_seed(row_seed(seed, first_row + b)) for b in range(batch)]
         self.device = device
 
     def randn(self, shape: Sequence[int], kind: str = "step", rows: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -91,18 +125,19 @@ def sample(unet: torch.nn.Module, schedule: DiffusionSchedule, shape: Sequence[i
            sampler: str = "ddpm", eta: float = 0.0, clip_denoised: bool = True,
            y: Optional[torch.Tensor] = None, init_image: Optional[torch.Tensor] = None, skip_timesteps: int = 0,
            x_T: Optional[torch.Tensor] = None, callback: Optional[Callback] = None,
-           learn_sigma: bool = True, noise_source: Optional[Any] = None) -> torch.Tensor:
+           learn_sigma: bool = True, noise_source: Optional[Any] = None, first_row: int = 0) -> torch.Tensor:
     """Unguided DDPM/DDIM sampling from noise, or from ``init_image`` noised to step N-1-skip (SDEdit-style).
 
     ``callback`` receives ``{i, total, t_index, t, x, predicted_x0}`` after every step; raising in it
     stops sampling (ComfyUI's Cancel). ``noise_source`` (anything with ``randn(shape)`` returning a
-    batch) replaces the seeded per-sample generators, e.g. to replay recorded noise. Returns the final
+    batch) replaces the seeded per-sample generators, e.g. to replay recorded noise. Row b draws from
+    ``row_seed(seed, first_row + b)``, so row r of a batch equals a batch-1 run with ``first_row=r``. Returns the final
     sample in model range [-1, 1] (unclamped).
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
     device = next(unet.parameters()).device
-    noise = noise_source if noise_source is not None else NoiseSource(seed, shape[0], device)
+    noise = noise_source if noise_source is not None else NoiseSource(seed, shape[0], device, first_row)
     indices = timesteps_to_run(schedule, skip_timesteps)
     x = noise.randn(shape[1:]) if x_T is None else x_T.to(device, torch.float32)
     if init_image is not None:

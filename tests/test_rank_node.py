@@ -1,0 +1,70 @@
+"""CLIP Rank (node) and blended_edit's ranking (library) score the same thing: the model-size crop
+around the mask, so the same samples come out in the same order with the same distances."""
+
+import json
+import os
+
+import torch
+
+from conftest import ROOT
+
+
+def _run(node, **kwargs):
+    with torch.inference_mode():
+        return node.execute(**kwargs).result
+
+
+def _workflow_geometry():
+    """Image size, edit mask and Background Blend settings of workflows/chain_with_core_nodes.json."""
+    with open(os.path.join(ROOT, "workflows", "chain_with_core_nodes.json")) as f:
+        nodes = {n["type"] if n["type"] not in ("SolidMask",) else n["title"]: n for n in json.load(f)["nodes"]}
+    _, width, height, _ = nodes["ImageScale"]["widgets_values"]
+    value, cw, ch = nodes["Canvas (keep)"]["widgets_values"]
+    box_value, bw, bh = nodes["Edit box"]["widgets_values"]
+    x, y, op = nodes["MaskComposite"]["widgets_values"]
+    assert (cw, ch) == (width, height) and op == "add"
+    mask = torch.full((1, height, width), float(value))
+    mask[:, y:y + bh, x:x + bw] = (mask[:, y:y + bh, x:x + bw] + box_value).clamp(0, 1)
+    mode, enforce, invert, soft, dilate, crop_margin, feather = nodes["BackgroundBlend"]["widgets_values"]
+    blend = dict(mode=mode, enforce_background=enforce, invert_mask=invert, soft_mask=soft, dilate=dilate,
+                 crop_margin=crop_margin, feather=feather)
+    prompt = nodes["MaskedCLIPLoss"]["widgets_values"][0]
+    return width, height, mask, blend, prompt, (x, y, bw, bh)
+
+
+def test_clip_rank_node_orders_like_the_library_on_the_workflow_geometry(pack):
+    _, models = pack
+    from core.blended import blended_sample
+    from core.diffusion.guided_loop import GuidedSamplerOptions
+    from core.io import from_model
+    from core.blended.ranking import rank_results
+    from core.tiny_models import write_tiny_models
+    from diffuseit_pack.nodes.blending import BackgroundBlend
+    from diffuseit_pack.nodes.loaders import LoadCLIPGuidance, LoadDDPM
+    from diffuseit_pack.nodes.ranking import CLIPRank
+
+    write_tiny_models(models, dino=False, lpips=False)  # the 256 px DDPM: the workflow's crop geometry
+    width, height, mask, blend_args, prompt, (x, y, bw, bh) = _workflow_geometry()
+    (ddpm,) = _run(LoadDDPM, ckpt_name="256x256_diffusion_uncond.pt", dtype="fp32", overrides="")
+    (clip,) = _run(LoadCLIPGuidance, models="tiny-clip-vit", dtype="fp32")
+    (spec,) = _run(BackgroundBlend, mask=mask, **blend_args)
+    gen = torch.Generator().manual_seed(0)
+    photo = torch.nn.functional.interpolate(torch.rand(1, 3, height // 16, width // 16, generator=gen) * 2 - 1,
+                                            size=(height, width), mode="bicubic").clamp(-1, 1)
+    samples = 4
+    result = blended_sample(ddpm.value, photo, spec, (), samples=samples, seed=0, respacing="10",
+                            options=GuidedSamplerOptions(skip_timesteps=8))
+    assert result.images.shape == (samples, 3, height, width)
+    outside = torch.ones(height, width, dtype=torch.bool)
+    outside[y:y + bh, x:x + bw] = False
+    assert torch.equal(result.images[..., outside], photo.expand(samples, -1, -1, -1)[..., outside])
+
+    # the library: blended_edit ranks the model-size edits under their crop masks
+    library = rank_results(result.edits, result.masks, clip.value[0], prompt)
+    # the node: the stitched full-resolution images, with the same mask (or the same blend)
+    images = from_model(result.images)
+    for wiring in (dict(mask=mask, crop_margin=blend_args["crop_margin"]), dict(blend=spec)):
+        ranked, best, scores = _run(CLIPRank, images=images, clip=clip, prompt=prompt, top_k=samples, **wiring)
+        order = [next(i for i in range(samples) if torch.equal(images[i], r)) for r in ranked]
+        assert order == library.order.tolist()
+        assert torch.allclose(torch.tensor(json.loads(scores)), library.sorted_scores, atol=1e-5)
