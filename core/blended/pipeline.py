@@ -124,7 +124,7 @@ def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tupl
     ``crop_margin`` of context; small images are upscaled), run the guided sampler with the
     background blend at model resolution, and stitch the edits back (pixels outside the mask are
     returned unchanged). Row r of the result is row ``first_row + r`` of the run seeded with ``seed``
-    (``core.sampling.row_seed``), as in :func:`sample_many`: a one-sample call with ``first_row=r``
+    (``core.diffusion.sampling.row_seed``), as in :func:`sample_many`: a one-sample call with ``first_row=r``
     reproduces it."""
     size, device = ddpm.image_size, ddpm.device
     outputs, edits, masks, restarts = [], [], [], []

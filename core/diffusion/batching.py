@@ -23,7 +23,7 @@ def sample_many(unet: torch.nn.Module, schedule: DiffusionSchedule, sources: tor
     """Run several source images x several samples as batches (instead of upstream's serial loop).
 
     Rows are image-major (all samples of image 0, then image 1, ...) and row r is row ``first_row + r``
-    of the run seeded with ``seed`` (generators from ``core.sampling.row_seed(seed, first_row + r)``), so
+    of the run seeded with ``seed`` (generators from ``core.diffusion.sampling.row_seed(seed, first_row + r)``), so
     the result does not depend on ``chunk_size`` (0 = everything in one batch) and row r is reproduced
     alone by a one-row call with ``first_row=r``. The callback's ``i`` and ``total`` count steps over all chunks.
     ``losses`` (per term, per step, ``[rows]``) are the chunks' logs side by side in row order (:func:`concat_losses`).

@@ -9,7 +9,7 @@ same values, so here a single forward with grad provides the posterior *and* the
 Options cover both methods: DiffuseIT's resampling start (repeat the first guided step N times,
 re-noising in between) and range restart; Blended Diffusion's background blend after every step.
 Rows of a batch are independent runs (their own noise streams, their own restarts): row r draws from
-generators seeded by ``core.sampling.row_seed(seed, r)`` (a SplitMix64 mix of seed and row, so nearby
+generators seeded by ``core.diffusion.sampling.row_seed(seed, r)`` (a SplitMix64 mix of seed and row, so nearby
 seeds share no row), and a batch of N equals N serial runs with the same seed and ``first_row`` 0..N-1.
 """
 
@@ -100,7 +100,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
 
     Seeds: row b is row ``first_row + b`` of the run seeded with ``seed``; its noise comes from
     ``row_seed(seed, first_row + b)`` and its augmentations from ``row_seed(seed, first_row + b, STREAM_AUGMENT)``
-    (``core.sampling.row_seed``). Row r of a batch is therefore reproduced alone by
+    (``core.diffusion.sampling.row_seed``). Row r of a batch is therefore reproduced alone by
     ``guided_sample(unet, schedule, source[r:r + 1], terms, seed=seed, first_row=r)``.
     """
     device = next(unet.parameters()).device
