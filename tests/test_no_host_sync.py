@@ -42,11 +42,7 @@ META = torch.device("meta")
 _FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray, torch.scalar_tensor}
 # Copies that remain, by (file, function) of the pack frame nearest the copy, each with its reason; any
 # other copy after the first step fails.
-KNOWN = {
-    ("core/diffuseit/clip_direction.py", "apply_cut"): "torchvision's tensor rotate builds its 2x3 matrix and grid scale with "
-                                          "torch.tensor(..., device=image) for every CLIP cut (a follow-up: build the "
-                                          "rotation grid in the pack)",
-}
+KNOWN: dict = {}
 
 
 def _known(where: str) -> bool:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
+from ..devices import to_device
 from ..encoders.clip import ClipEnsemble, ClipModel
 from ..diffusion.guidance import StepContext, noise_mixed_input
 
@@ -122,11 +123,50 @@ def sample_cut_params(height: int, width: int, generator: Optional[torch.Generat
     return CutParams(angle, top, left, h, w, flip)
 
 
+def rotate_nearest(x: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate a CHW / NCHW image ``angle`` degrees counter-clockwise about its centre (nearest, zero fill,
+    same size), bit-identical to ``TF.rotate(x, angle, NEAREST, expand=False, fill=None)`` with its gradient.
+
+    torchvision sends its 2x3 matrix and the (w/2, h/2) scale to the device with ``torch.tensor(...,
+    device=...)`` each call, a blocking copy on CUDA. Here the 3x2 matrix that maps centred pixel
+    coordinates to grid_sample's [-1, 1] range is computed on the CPU in the grid dtype (same roundings:
+    the float64 inverse rotation rounded to the dtype, then divided by the rounded half sizes) and staged
+    with :func:`core.devices.to_device`; the pixel-centre base grid, the bmm and the sampling are the
+    same device ops in the same order, so the values match exactly.
+    """
+    if x.ndim not in (3, 4):
+        raise ValueError(f"rotate_nearest expects a CHW or NCHW image, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2], x.shape[-1]
+    dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    # inverse of a rotation by `angle` (about the centre, so no translation), as a 2x3 row-major matrix
+    rad = math.radians(-float(angle))
+    cos, sin = math.cos(rad), math.sin(rad)
+    inverse = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]], dtype=dtype)
+    half = torch.tensor([0.5 * w, 0.5 * h], dtype=dtype)
+    scaled = to_device(inverse.t() / half, x.device)  # [3, 2]: rows x, y, 1 -> normalised (gx, gy)
+    # pixel-centre coordinates relative to the image centre, homogeneous
+    base = torch.empty(1, h, w, 3, dtype=dtype, device=x.device)
+    base[..., 0].copy_(torch.linspace(-w * 0.5 + 0.5, w * 0.5 + 0.5 - 1, steps=w, device=x.device))
+    base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 + 0.5 - 1, steps=h, device=x.device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    grid = base.view(1, h * w, 3).bmm(scaled.unsqueeze(0)).view(1, h, w, 2)
+    img = x.unsqueeze(0) if x.ndim == 3 else x
+    if img.dtype != dtype:
+        img = img.to(dtype)
+    out = F.grid_sample(img, grid.expand(img.shape[0], h, w, 2), mode="nearest", padding_mode="zeros",
+                        align_corners=False)
+    if x.ndim == 3:
+        out = out.squeeze(0)
+    if out.dtype != x.dtype:
+        out = out.round().to(x.dtype)
+    return out
+
+
 def apply_cut(x01: torch.Tensor, params: CutParams, size: int) -> torch.Tensor:
     """One cut of a CHW [0, 1] image: rotate (nearest, fill 0, no expand), resized crop (bilinear, no antialias), flip."""
-    # fill=None is upstream's fill=0 exactly (zero padding; nearest never mixes in the border), without
-    # torchvision's boolean-mask fill, whose indexing makes the host wait for the GPU at every cut
-    x = TF.rotate(x01, params.angle, TF.InterpolationMode.NEAREST, expand=False, fill=None)
+    # upstream's TF.rotate(fill=0) exactly: zero padding (nearest never mixes in the border), without
+    # torchvision's boolean-mask fill (a host read-back) or its per-call blocking matrix copies
+    x = rotate_nearest(x01, params.angle)
     x = TF.resized_crop(x, params.top, params.left, params.height, params.width, [size, size],
                         TF.InterpolationMode.BILINEAR, antialias=False)
     return x.flip(-1) if params.flip else x
