@@ -63,7 +63,7 @@ def test_equals_torchvision_rotate_float64_and_uint8():
         assert torch.equal(rotate_nearest(x, angle), _reference(x, angle))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="optional extra: a CUDA GPU (the CI machines have none)")
 @pytest.mark.parametrize("shape", [(3, 32, 32), (3, 31, 47), (3, 224, 224), (2, 3, 33, 64)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_equals_torchvision_rotate_cuda(shape):
