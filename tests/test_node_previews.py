@@ -1,11 +1,9 @@
 """Previews follow ComfyUI's --preview-method: "none" sends none and reads nothing back from the device."""
 
-import shutil
-
 import pytest
 import torch
 
-from conftest import fixture_path, load_json
+from test_nodes import _tiny_ddpm_node_output
 
 META = torch.device("meta")
 
@@ -58,23 +56,12 @@ def test_missing_setting_keeps_previews(pack, monkeypatch):
     assert bridge.preview_method() is None and bridge.Progress(1).previews
 
 
-def _tiny_ddpm(models):
-    folder = models / "guided_diffusion"
-    folder.mkdir(exist_ok=True)
-    shutil.copy(fixture_path("guided_diffusion", "tiny_unet.safetensors"), folder / "tiny.safetensors")
-    from diffuseit_pack.nodes.loaders import LoadDDPM
-    kw = load_json("guided_diffusion", "tiny_unet_config.json")["create_model_kwargs"]
-    with torch.inference_mode():
-        return LoadDDPM.execute(ckpt_name="tiny.safetensors", dtype="fp32",
-                                overrides=f"num_head_channels={kw['num_head_channels']}, image_size={kw['image_size']}").result[0]
-
-
 @pytest.mark.parametrize("method", ["none", "auto"])
 def test_guided_sampler_previews_follow_preview_method(pack, preview_method, monkeypatch, method):
     """The sampler node: "none" -> no preview built (no x0 copied to the host), progress still counts every
     step; "auto" -> a preview with every step, as ComfyUI's samplers."""
     _, models = pack
-    ddpm = _tiny_ddpm(models)
+    ddpm = _tiny_ddpm_node_output(models)
     from diffuseit_pack.nodes import comfy_bridge as bridge
     from diffuseit_pack.nodes.sampling import GuidedSampler
     import comfy.utils

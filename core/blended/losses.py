@@ -25,7 +25,6 @@ import torch
 from ..devices import constant
 from .cutouts import FAITHFUL_TRANSLATE, AugmentParams, AugmentSettings, make_cutouts
 from ..diffusion.guidance import StepContext, noise_mixed_input
-from ..diffusion.schedule import DiffusionSchedule
 from ..diffusion.range import RangeLoss
 
 # --------------------------------------------------------------------------- functional pieces

@@ -16,7 +16,7 @@ seeds share no row), and a batch of N equals N serial runs with the same seed an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
