@@ -10,6 +10,7 @@ Layout (one concern per sub-package; each sub-package's ``__init__`` exports its
 * :mod:`.diffusion`: UNet, checkpoints, schedules, reverse steps, the guided loop, the term protocol
 * :mod:`.encoders`: DINO, CLIP, LPIPS loaders and feature extractors
 * :mod:`.diffuseit`, :mod:`.blended`: each paper's losses, presets / geometry, and pipelines
+* :mod:`.latent`: x0 guidance through a decoder, for samplers the pack does not own
 * :mod:`.io`: images in and out; :mod:`.cli`: the command line; :mod:`.tiny_models`: test checkpoints
 """
 
