@@ -51,6 +51,7 @@ DINO_FILE = "dino_vitbase8_pretrain.pth"
 CLIP_FOLDER = "tiny-clip-vit"
 CLIP_WEIGHTS = "open_clip_model.safetensors"
 LPIPS_FILE = "vgg16-397923af.pth"  # core.encoders.lpips.VGG16_FILE
+TAESD_FILE = "taesd_decoder.safetensors"  # ComfyUI's vae_approx name for SD1.5's TAESD decoder
 # torchvision's vgg16 "D" configuration: conv widths, "M" = max pool (each conv is followed by a ReLU)
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -151,8 +152,23 @@ def write_tiny_lpips(folder: PathLike, name: str = LPIPS_FILE, seed: int = 3) ->
     return path
 
 
+def write_tiny_taesd(folder: PathLike, name: str = TAESD_FILE, seed: int = 4, latent_channels: int = 4) -> Path:
+    """A TAESD decoder at its real size (1.2 M parameters, fp16) with random weights, under ComfyUI's
+    ``vae_approx`` key layout (``1.weight``, ``3.conv.0.weight``, ...)."""
+    from safetensors.torch import save_file
+
+    from .encoders.taesd import taesd_decoder_module
+
+    with _seeded(seed):
+        module = taesd_decoder_module(latent_channels)
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}, str(path))
+    return path
+
+
 def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = True,
-                      lpips: bool = True) -> dict[str, Path]:
+                      lpips: bool = True, taesd: bool = True) -> dict[str, Path]:
     """Write tiny checkpoints into ``models_dir/<pack folder>/``; returns {folder: written file}.
 
     ``models_dir`` is a ComfyUI models directory (or the ``base_path`` of an extra_model_paths.yaml
@@ -167,6 +183,8 @@ def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = T
         written["clip_guidance"] = write_tiny_clip(root / "clip_guidance")
     if lpips:
         written["lpips"] = write_tiny_lpips(root / "lpips")
+    if taesd:
+        written["vae_approx"] = write_tiny_taesd(root / "vae_approx")
     return written
 
 

@@ -31,6 +31,8 @@ def test_tiny_models_load_like_the_real_ones(tmp_path):
     from core.encoders.lpips import VGG16_FILE, load_lpips
 
     assert written["lpips"].name == VGG16_FILE
+    from core.encoders.taesd import load_taesd_decoder
+    assert load_taesd_decoder(written["vae_approx"]).latent_channels == 4  # ComfyUI's vae_approx layout
     lp = load_lpips(written["lpips"])
     d = lp(torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(1, 3, 64, 64) * 2 - 1)
     assert torch.isfinite(d).all()

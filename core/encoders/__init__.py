@@ -7,6 +7,7 @@ missing file goes and where to download it.
 from .clip import ClipEnsemble, ClipModel, load_clip, load_clip_ensemble
 from .dino import DINOExtractor, load_dino_extractor
 from .lpips import load_lpips
+from .taesd import TAESDDecoder, load_taesd_decoder
 
 __all__ = ["ClipEnsemble", "ClipModel", "load_clip", "load_clip_ensemble", "DINOExtractor", "load_dino_extractor",
-           "load_lpips"]
+           "load_lpips", "TAESDDecoder", "load_taesd_decoder"]
