@@ -1,7 +1,5 @@
 """core.latent: x0 guidance through a differentiable decoder (the math of guiding ComfyUI's own models)."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -9,6 +7,7 @@ from conftest import assert_close, float32_atol
 from core.diffusion.finite_watch import GuidanceError
 from core.diffusion.range import RangeLoss
 from core.latent import GuidanceBand, guide_x0, normalised_step, schedule_progress
+from test_guided import Poison, ToTarget  # scale * mean((x - target)^2) per row; NaN
 
 
 def toy_decoder(seed: int = 0) -> torch.nn.Module:
@@ -16,31 +15,6 @@ def toy_decoder(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(),
                                torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(8, 3, 3, padding=1)).requires_grad_(False)
-
-
-@dataclass(frozen=True)
-class ToTarget:
-    """A loss on the decoded image: weight * mean((rgb - target)^2) per row."""
-    target: float = 0.3
-    weight: float = 1.0
-    name: str = "to_target"
-
-    def prepare(self, source):
-        return self
-
-    def __call__(self, rgb, ctx):
-        return self.weight * ((rgb - self.target) ** 2).flatten(1).mean(1)
-
-
-@dataclass(frozen=True)
-class Poison:
-    name: str = "poison"
-
-    def prepare(self, source):
-        return self
-
-    def __call__(self, rgb, ctx):
-        return rgb.flatten(1).sum(1) * float("nan")
 
 
 def _latents(batch: int = 2, seed: int = 1):
@@ -52,7 +26,7 @@ def _latents(batch: int = 2, seed: int = 1):
 def test_zero_guidance_returns_the_samplers_x0_itself(case):
     x0, ref = _latents()
     decoder = toy_decoder()
-    terms = {"strength 0": [RangeLoss(200.0)], "no terms": [], "all weights 0": [RangeLoss(0.0), ToTarget(weight=0.0)]}[case]
+    terms = {"strength 0": [RangeLoss(200.0)], "no terms": [], "all weights 0": [RangeLoss(0.0), ToTarget(scale=0.0)]}[case]
     out = guide_x0(x0, decoder, [t.prepare(None) for t in terms], None, 0.0 if case == "strength 0" else 0.5, ref)
     assert out.x0 is x0  # bit for bit: the object itself, no arithmetic, no NaN from a zero norm
 
@@ -60,7 +34,7 @@ def test_zero_guidance_returns_the_samplers_x0_itself(case):
 def test_guidance_lowers_its_own_loss_and_the_step_is_normalised():
     x0, ref = _latents()
     decoder = toy_decoder()
-    terms = [RangeLoss(200.0).prepare(None), ToTarget().prepare(None)]
+    terms = [RangeLoss(200.0).prepare(None), ToTarget(target=0.3, scale=1.0).prepare(None)]
     before = sum(t(decoder(x0), None) for t in terms)
     out = guide_x0(x0, decoder, terms, None, 0.05, ref)
     after = sum(t(decoder(out.x0), None) for t in terms)
@@ -70,7 +44,7 @@ def test_guidance_lowers_its_own_loss_and_the_step_is_normalised():
     target = 0.05 * ref.flatten(1).pow(2).mean(1).sqrt()
     assert_close(moved, target, float32_atol(target, 64), rtol=1e-5, what="rms of the step")
     # scaling every weight by 1000 changes the gradient's size, not the step
-    heavy = guide_x0(x0, decoder, [RangeLoss(200000.0).prepare(None), ToTarget(weight=1000.0).prepare(None)], None, 0.05, ref)
+    heavy = guide_x0(x0, decoder, [RangeLoss(200000.0).prepare(None), ToTarget(target=0.3, scale=1000.0).prepare(None)], None, 0.05, ref)
     assert_close(heavy.x0, out.x0, float32_atol(out.x0, 256), rtol=0, what="weight-invariant step")
 
 
@@ -87,10 +61,10 @@ def test_rows_are_independent_and_a_row_without_gradient_stays_put():
 
 def test_runs_under_inference_mode_like_the_sampler():
     decoder = toy_decoder()
-    plain = guide_x0(*_latents()[:1], decoder, [ToTarget().prepare(None)], None, 0.1, _latents()[1])
+    plain = guide_x0(*_latents()[:1], decoder, [ToTarget(target=0.3, scale=1.0).prepare(None)], None, 0.1, _latents()[1])
     with torch.inference_mode():  # how ComfyUI runs every node and its sampler
         x0, ref = _latents()
-        out = guide_x0(x0, decoder, [ToTarget().prepare(None)], None, 0.1, ref)
+        out = guide_x0(x0, decoder, [ToTarget(target=0.3, scale=1.0).prepare(None)], None, 0.1, ref)
     # the gradient is taken outside inference mode; the result is a new tensor of the caller's mode
     assert out.x0.is_inference() and not out.x0.requires_grad
     assert torch.equal(out.x0, plain.x0)
@@ -99,7 +73,7 @@ def test_runs_under_inference_mode_like_the_sampler():
 def test_nan_names_the_term():
     x0, ref = _latents()
     with pytest.raises(GuidanceError, match="poison"):
-        guide_x0(x0, toy_decoder(), [ToTarget().prepare(None), Poison()], None, 0.1, ref)
+        guide_x0(x0, toy_decoder(), [ToTarget(target=0.3, scale=1.0).prepare(None), Poison()], None, 0.1, ref)
 
 
 def test_normalised_step_is_zero_for_a_zero_gradient():

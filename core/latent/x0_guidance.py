@@ -70,20 +70,21 @@ def guide_x0(x0: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], p
         latent = x0.detach().clone().requires_grad_(True)  # a normal tensor even if x0 is an inference tensor
         image = decode(latent)
         per_term = {p.name: p(image, ctx) for p in prepared}
-        for name, value in per_term.items():
-            if not bool(torch.isfinite(value).all()):
-                raise GuidanceError(f"loss term {name} became NaN/inf on the decoded x0; lower its weight or the "
-                                    "guidance strength, or use fp32")
+        losses = {k: v.detach() for k, v in per_term.items()}
         total = sum(v.float().sum() for v in per_term.values())
         if not total.requires_grad:  # terms that ignore the image (all weights 0): nothing to follow
-            return X0GuidanceResult(x0=x0, losses={k: v.detach() for k, v in per_term.items()})
+            return X0GuidanceResult(x0=x0, losses=losses)
         gradient = torch.autograd.grad(total, latent)[0]
-    if not bool(torch.isfinite(gradient).all()):
-        raise GuidanceError("the guidance gradient became NaN/inf on the decoded x0 (terms: "
-                            f"{', '.join(per_term)}); lower the strength or use fp32")
     rho = normalised_step(gradient, reference, strength)
-    losses = {k: v.detach() for k, v in per_term.items()}
-    if not bool((rho > 0).any()):
+    # one host read per guided call: every term's and the gradient's finiteness, and whether any row moves
+    flags = torch.stack([torch.isfinite(v).all() for v in losses.values()]
+                        + [torch.isfinite(gradient).all(), (rho > 0).any()]).tolist()
+    if not all(flags[:-1]):
+        bad = [name for name, ok in zip(losses, flags) if not ok]
+        what = f"loss term(s) {', '.join(bad)}" if bad else f"the guidance gradient (terms: {', '.join(losses)})"
+        raise GuidanceError(f"{what} became NaN/inf on the decoded x0; lower the weight or the guidance strength, "
+                            "or use fp32")
+    if not flags[-1]:
         return X0GuidanceResult(x0=x0, losses=losses, step_size=rho)
     moved = x0.detach() - rho.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) * gradient.to(x0.dtype)
     return X0GuidanceResult(x0=moved, losses=losses, step_size=rho)
