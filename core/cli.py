@@ -21,6 +21,7 @@ from .io import load_image, load_image_pil, save_image
 from .diffusion.sampling import sample
 
 MODELS = "models"
+DDPM_FILE, DINO_FILE = "256x256_diffusion_uncond.pt", "dino_vitbase8_pretrain.pth"  # the papers' files
 
 
 def known_downloads() -> dict[str, tuple[str, str]]:
@@ -115,7 +116,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _ddpm(args: argparse.Namespace, device: str):
-    ddpm = load_ddpm(args.ckpt, dtype=args.dtype, device=device, **parse_flags(args.overrides))
+    ckpt = args.ckpt or os.path.join(args.models, "guided_diffusion", DDPM_FILE)
+    ddpm = load_ddpm(ckpt, dtype=args.dtype, device=device, **parse_flags(args.overrides))
     ddpm.unet.gradient_checkpointing = getattr(args, "low_memory", False)
     return ddpm
 
@@ -136,7 +138,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _dino(args: argparse.Namespace, device: str):
     from .encoders.dino import load_dino_extractor
 
-    return load_dino_extractor(args.dino, antialias=args.antialias, device=device)
+    dino = args.dino or os.path.join(args.models, "dino", DINO_FILE)
+    return load_dino_extractor(dino, antialias=args.antialias, device=device)
 
 
 def _clip_models(args: argparse.Namespace, names: Sequence[str], device: str):
@@ -223,11 +226,9 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _model_args(p: argparse.ArgumentParser, dino: bool = False) -> None:
     p.add_argument("--models", default=MODELS, help="models folder with guided_diffusion/, dino/, clip_guidance/")
-    p.add_argument("--ckpt", default=os.path.join(MODELS, "guided_diffusion", "256x256_diffusion_uncond.pt"),
-                   help="guided-diffusion checkpoint")
+    p.add_argument("--ckpt", default=None, help=f"guided-diffusion checkpoint (default: <models>/guided_diffusion/{DDPM_FILE})")
     if dino:
-        p.add_argument("--dino", default=os.path.join(MODELS, "dino", "dino_vitbase8_pretrain.pth"),
-                       help="DINO ViT checkpoint")
+        p.add_argument("--dino", default=None, help=f"DINO ViT checkpoint (default: <models>/dino/{DINO_FILE})")
         p.add_argument("--antialias", action="store_true", help="antialiased 256->224 resize (torchvision>=0.17)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="UNet body precision")
     p.add_argument("--device", default=None, help="cuda / mps / cpu (default: best available)")

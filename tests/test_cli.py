@@ -56,7 +56,9 @@ def test_pipelines_on_tiny_models(tmp_path):
     diff = np.abs(np.asarray(Image.open(tmp_path / "text.png"), dtype=int)
                   - np.asarray(Image.open(tmp_path / "text_low.png"), dtype=int))
     assert diff.max() <= 1  # checkpointing recomputes activations; only 8-bit rounding may differ
-    image = run_cli("diffuseit-image", *common, *dino, "--resample-steps", "1", "--image", f"{ROOT}/assets/chelsea.png",
+    # --models alone: the UNet and DINO files are found in its sub-folders (no --ckpt / --dino)
+    models_only = ["--models", str(models), "--device", "cpu", "--respacing", "10", "--skip-timesteps", "8"]
+    image = run_cli("diffuseit-image", *models_only, "--resample-steps", "1", "--image", f"{ROOT}/assets/chelsea.png",
                     "--style", f"{ROOT}/assets/coffee.png", "--out", str(tmp_path / "style.png"))
     assert image.returncode == 0, image.stderr
     blended = run_cli("blended", *common, "--clip-model", "tiny-clip-vit", "--image", f"{ROOT}/assets/coffee.png",
