@@ -25,6 +25,8 @@ from .types import BlendType, CLIPType
 
 CATEGORY = "DiffuseIT-Blended/blended diffusion"
 IMPROVED = "[improved ranking] "  # tooltip prefix of the inputs that only criteria "improved" uses
+# optional: prompts and workflows saved before these inputs existed still run (the paper's ranking)
+WEIGHT = dict(min=0.0, max=100.0, step=0.05, optional=True)
 
 
 def ranking_criteria(criteria: str, weights: dict[str, float], seam_width: int) -> RankingCriteria:
@@ -73,24 +75,24 @@ class CLIPRank(io.ComfyNode):
                 BlendType.Input("blend", optional=True,
                                 tooltip="The Background Blend given to Guided Sampler: its mask, invert, dilate and "
                                         "crop_margin are used (instead of mask / crop_margin)."),
-                io.Combo.Input("criteria", options=list(CRITERIA_PRESETS), default="paper",
-                               tooltip="paper: the masked CLIP distance alone (Blended Diffusion's ranking). improved: "
-                                       "a weighted sum of it, the whole view's CLIP distance, a penalty for looking like "
-                                       "the prompt written as text, and the seam's consistency with the surroundings "
-                                       "(the weight_* inputs). scores reports every term either way."),
-                io.Float.Input("weight_masked_prompt", default=IMPROVED_CRITERIA.masked_prompt, min=0.0, max=100.0,
-                               step=0.05, tooltip=IMPROVED + "Weight of the masked region's CLIP distance to the prompt "
-                                                             "(the paper's term)."),
-                io.Float.Input("weight_whole_image", default=IMPROVED_CRITERIA.whole_image_prompt, min=0.0, max=100.0,
-                               step=0.05, tooltip=IMPROVED + "Weight of the whole scored view's (crop or image, unmasked) "
-                                                             "CLIP distance to the prompt: the edit judged in context."),
-                io.Float.Input("weight_typography", default=IMPROVED_CRITERIA.typography, min=0.0, max=100.0,
-                               step=0.05, tooltip=IMPROVED + "Penalty weight of the masked region's CLIP similarity to "
-                                                             "the prompt rendered as text (CLIP's typographic bias)."),
-                io.Float.Input("weight_seam", default=IMPROVED_CRITERIA.seam, min=0.0, max=100.0, step=0.05,
-                               tooltip=IMPROVED + "Weight of the seam term: mean RGB difference (0..1) between the band "
-                                                  "just inside the mask and the pixels just outside it."),
-                io.Int.Input("seam_width", default=0, min=0, max=256,
+                io.Combo.Input("criteria", options=list(CRITERIA_PRESETS), default="paper", optional=True,
+                               tooltip="paper: the masked CLIP distance alone (Blended Diffusion's ranking). "
+                                       "improved: a weighted sum of it, the whole view's CLIP distance, a penalty for "
+                                       "looking like the prompt written as text, and the seam's consistency with the "
+                                       "surroundings (the weight_* inputs). scores reports every term either way."),
+                io.Float.Input("weight_masked_prompt", default=IMPROVED_CRITERIA.masked_prompt, **WEIGHT,
+                               tooltip=IMPROVED + "Weight of the masked region's CLIP distance to the prompt (the "
+                                                  "paper's term)."),
+                io.Float.Input("weight_whole_image", default=IMPROVED_CRITERIA.whole_image_prompt, **WEIGHT,
+                               tooltip=IMPROVED + "Weight of the whole scored view's (crop or image, unmasked) CLIP "
+                                                  "distance to the prompt: the edit judged in its context."),
+                io.Float.Input("weight_typography", default=IMPROVED_CRITERIA.typography, **WEIGHT,
+                               tooltip=IMPROVED + "Penalty weight of the masked region's CLIP similarity to the prompt "
+                                                  "rendered as text (CLIP's typographic bias)."),
+                io.Float.Input("weight_seam", default=IMPROVED_CRITERIA.seam, **WEIGHT,
+                               tooltip=IMPROVED + "Weight of the seam term: mean RGB difference (0..1) between the "
+                                                  "band just inside the mask and the pixels just outside it."),
+                io.Int.Input("seam_width", default=0, min=0, max=256, optional=True,
                              tooltip="Width in pixels (of the scored view) of the seam band; 0 = side / 64 (4 px on a "
                                      "256 px crop)."),
             ],
@@ -98,9 +100,9 @@ class CLIPRank(io.ComfyNode):
                 io.Image.Output(display_name="ranked", tooltip="All images, best first."),
                 io.Image.Output(display_name="top_k", tooltip="The best top_k images."),
                 io.String.Output(display_name="scores",
-                                 tooltip="JSON list, best first: per sample its batch index, score (the masked distance "
-                                         "with criteria paper, the weighted total with improved) and every component "
-                                         "(masked_prompt, whole_image_prompt, typography, seam)."),
+                                 tooltip="JSON list, best first: per sample its batch index, score (the masked "
+                                         "distance with criteria paper, the weighted total with improved) and every "
+                                         "component (masked_prompt, whole_image_prompt, typography, seam)."),
             ],
         )
 

@@ -85,9 +85,8 @@ def test_clip_rank_criteria_and_the_scores_report(pack):
     _tiny_models_folder(models)
     (clip,) = _run(LoadCLIPGuidance, models="tiny-clip", dtype="fp32")
     height, width = 40, 48
-    ramp = torch.linspace(0.1, 0.9, width)
-    source = torch.stack([ramp.expand(height, width), torch.full((height, width), 0.5), ramp.flip(0).expand(height,
-                                                                                                             width)], -1)
+    ramp = torch.linspace(0.1, 0.9, width).expand(height, width)
+    source = torch.stack([ramp, torch.full((height, width), 0.5), ramp.flip(1)], -1)
     mask = torch.zeros(1, height, width)
     mask[:, 10:30, 12:36] = 1
     gen = torch.Generator().manual_seed(5)
