@@ -1,0 +1,83 @@
+"""Load the tiny models with ComfyUI's own nodes and sample, in a ComfyUI environment; prints one JSON line.
+
+    <comfy venv>/bin/python tests/e2e/tiny_sd15_check.py COMFY_DIR MODELS_DIR [--steps N] [--size PX]
+
+``MODELS_DIR`` holds ``checkpoints/tiny_sd15.safetensors`` and ``vae_approx/taesd_*`` (as written
+by ``core.tiny_sd``). Load Checkpoint -> CLIP Text Encode -> Empty Latent -> KSampler (euler) ->
+VAE Decode, then VAE Loader "taesd" decoding the same latent; reports the detected model type,
+timings and value ranges. Used by tests/test_tiny_sd.py and bench/bench_tiny_sd15.py (standard
+library + what ComfyUI brings; never imported by the pack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def stats(t) -> dict:
+    t = t.float()
+    return {"finite": bool(t.isfinite().all()), "min": float(t.min()), "max": float(t.max()), "std": float(t.std()),
+            "shape": list(t.shape)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("comfy_dir")
+    parser.add_argument("models_dir")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
+    sys.argv = [sys.argv[0], "--cpu"]
+    os.chdir(args.comfy_dir)
+    sys.path.insert(0, args.comfy_dir)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import torch
+
+    import folder_paths
+    import nodes
+
+    for folder in ("checkpoints", "vae_approx"):
+        folder_paths.add_model_folder_path(folder, os.path.join(args.models_dir, folder), is_default=True)
+    out: dict = {}
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[:3]
+        out["load_s"] = time.perf_counter() - t0
+        out["model_type"] = type(model.model.model_config).__name__
+        out["unet_parameters"] = sum(p.numel() for p in model.model.diffusion_model.parameters())
+        t0 = time.perf_counter()
+        positive = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
+        negative = nodes.CLIPTextEncode().encode(clip, "")[0]
+        out["encode_s"] = (time.perf_counter() - t0) / 2
+        out["cond"] = stats(positive[0][0])
+        latent = nodes.EmptyLatentImage().generate(args.size, args.size, 1)[0]
+        sample = lambda steps: nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", positive, negative,
+                                                     latent)[0]
+        sample(1)  # loads the model and warms up
+        t0 = time.perf_counter()
+        result = sample(args.steps)
+        out["ksampler_s"] = time.perf_counter() - t0
+        out["step_s"] = out["ksampler_s"] / args.steps
+        out["latent"] = stats(result["samples"])
+        t0 = time.perf_counter()
+        image = nodes.VAEDecode().decode(vae, result)[0]
+        out["vae_decode_s"] = time.perf_counter() - t0
+        out["image"] = stats(image)
+        # the raw decoder output (before ComfyUI's clamp to [0, 1]) of an N(0, 1) latent
+        z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+        out["vae_raw_of_normal_latent"] = stats(vae.first_stage_model.decode(z.to(vae.vae_dtype)))
+        out["vae_list"] = [v for v in nodes.VAELoader.vae_list(nodes.VAELoader) if v.startswith("tae")]
+        taesd = nodes.VAELoader().load_vae("taesd")[0]
+        out["taesd_image"] = stats(nodes.VAEDecode().decode(taesd, result)[0])
+        out["taesd_latent"] = stats(nodes.VAEEncode().encode(taesd, image)[0]["samples"])
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
