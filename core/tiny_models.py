@@ -181,6 +181,8 @@ def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = T
     ``sd15=True`` also writes ``checkpoints/tiny_sd15.safetensors`` (465 MB, so opt-in; seeded by
     ``seed``; see ``core.tiny_sd``).
     """
+    if sd15 and (not isinstance(seed, int) or seed < 0):  # before anything is written
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     root = Path(models_dir)
     written = {"guided_diffusion": write_tiny_ddpm(root / "guided_diffusion")}
     if dino:

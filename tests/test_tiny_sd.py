@@ -126,6 +126,22 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_cli_writes_the_checkpoint_only_when_asked(tmp_path, monkeypatch, capsys):
+    import core.tiny_models
+    from core.cli import main
+
+    for writer in ("write_tiny_dino", "write_tiny_clip", "write_tiny_lpips"):  # covered in test_tiny_models
+        monkeypatch.setattr(core.tiny_models, writer, lambda folder: folder)
+    calls = []
+    monkeypatch.setattr(tiny_sd, "write_tiny_sd15", lambda folder, seed=0: calls.append((folder, seed)) or folder)
+    assert main(["tiny-models", str(tmp_path / "a")]) == 0 and calls == []
+    assert main(["tiny-models", str(tmp_path / "b"), "--sd15", "--seed", "7"]) == 0
+    assert calls == [(tmp_path / "b" / "checkpoints", 7)]
+    assert main(["tiny-models", str(tmp_path / "c"), "--sd15", "--seed", "-1"]) == 2
+    assert "error: seed must be a non-negative integer, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
 def test_vae_approx_gets_encoder_decoder_pairs_of_every_family(tmp_path):
     written = write_tiny_models(tmp_path, dino=False, clip=False, lpips=False)
     assert written["vae_approx"] == tmp_path / "vae_approx" / "taesd_decoder.safetensors"
