@@ -251,12 +251,17 @@ def tiny_sd15_checkpoint(cache_dir: PathLike, seed: int = 0) -> Path:
 
 def link_tiny_sd15(models_dir: PathLike, cache_dir: PathLike, seed: int = 0) -> Path:
     """Put the cached checkpoint at ``models_dir/checkpoints/tiny_sd15.safetensors`` (a symlink,
-    or a copy where links are not allowed); returns that path."""
+    or a copy where links are not allowed); returns that path. An earlier link is replaced; a regular
+    file of another size under that name is left alone (FileExistsError)."""
     source = tiny_sd15_checkpoint(cache_dir, seed)
     target = Path(models_dir) / SD15_FOLDER / SD15_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
+    if target.is_symlink():
         target.unlink()
+    elif target.exists():
+        if target.stat().st_size == source.stat().st_size:
+            return target  # an earlier copy
+        raise FileExistsError(f"{target} exists and is not the tiny SD1.5 checkpoint; move it away first")
     try:
         target.symlink_to(source)
     except OSError:

@@ -114,6 +114,12 @@ def test_the_cache_writes_once_and_links_into_a_models_folder(tmp_path, monkeypa
     assert linked == tmp_path / "models" / "checkpoints" / "tiny_sd15.safetensors"
     assert linked.read_bytes() == cached.read_bytes()
     assert tiny_sd.link_tiny_sd15(tmp_path / "models", tmp_path / "cache") == linked  # again: replaced, no error
+    other = tmp_path / "other" / "checkpoints" / "tiny_sd15.safetensors"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"someone's file")
+    with pytest.raises(FileExistsError, match="is not the tiny SD1.5 checkpoint"):
+        tiny_sd.link_tiny_sd15(tmp_path / "other", tmp_path / "cache")
+    assert other.read_bytes() == b"someone's file"
 
 
 def test_bad_arguments_are_clear_errors(tmp_path):
