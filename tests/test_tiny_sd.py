@@ -184,6 +184,7 @@ def test_comfyui_loads_the_tiny_checkpoint_and_taesd_and_samples(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["model_type"] == "SD15"
+    assert out["not_in_file"] == []  # every weight ComfyUI builds (UNet, VAE, CLIP-L) is in the file
     assert out["cond"]["shape"] == [1, 77, 768] and out["cond"]["finite"]
     assert out["image"]["shape"] == [1, 64, 64, 3] and out["image"]["finite"] and out["image"]["std"] > 0
     # the noise path keeps the sampled latent in the range of real SD latents (CFG 7), not sigma_max's

@@ -63,6 +63,18 @@ def main() -> None:
         with Clock(out, "load"):
             model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[:3]
         out["model_type"] = type(model.model.model_config).__name__
+        # every weight ComfyUI built must come from the file (a missing one would stay uninitialised)
+        import safetensors
+
+        with safetensors.safe_open(folder_paths.get_full_path("checkpoints", "tiny_sd15.safetensors"), "pt") as f:
+            in_file = set(f.keys())
+        strip = lambda prefix: {k[len(prefix):] for k in in_file if k.startswith(prefix)}  # noqa: E731
+        clip_built = {k for k in clip.cond_stage_model.state_dict()
+                      if not k.endswith(("text_projection.weight", "logit_scale"))}  # SD15 drops these on save too
+        out["not_in_file"] = sorted(
+            (set(model.model.diffusion_model.state_dict()) - strip("model.diffusion_model."))
+            | (set(vae.first_stage_model.state_dict()) - strip("first_stage_model."))
+            | (clip_built - {"clip_l." + k for k in strip("cond_stage_model.")}))
         out["unet_parameters"] = sum(p.numel() for p in model.model.diffusion_model.parameters())
         with Clock(out, "encode", 2):
             positive = nodes.CLIPTextEncode().encode(clip, "a photo of a cat")[0]
