@@ -216,7 +216,7 @@ def cmd_blended(args: argparse.Namespace) -> int:
 def cmd_tiny_models(args: argparse.Namespace) -> int:
     from .tiny_models import write_tiny_models
 
-    for folder, path in write_tiny_models(args.dir).items():
+    for folder, path in write_tiny_models(args.dir, sd15=args.sd15, seed=args.seed).items():
         print(f"{folder}: {path}")
     return 0
 
@@ -310,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-models", help="write tiny random checkpoints (real formats and names) for offline tests")
     p.add_argument("dir", help="models folder to fill")
+    p.add_argument("--sd15", action="store_true",
+                   help="also write checkpoints/tiny_sd15.safetensors, a random SD1.5-layout checkpoint for Load "
+                        "Checkpoint (465 MB: full-size VAE and CLIP-L, tiny UNet)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the SD1.5 checkpoint's weights (default 0)")
     p.set_defaults(func=cmd_tiny_models)
     return parser
 
