@@ -145,3 +145,22 @@ def test_runs_on_inference_tensors_inside_inference_mode_as_comfyui_calls_it():
     reference = LatentGuide([Recorder()], decoder, torch.zeros(1, 3, 16, 16), strength=0.5)(
         call(latents(), SIGMAS[1], x_t=latents(seed=3)))
     assert torch.equal(out, reference)
+
+
+def test_a_source_and_mask_made_under_inference_mode_can_take_part_in_the_backward_pass():
+    class MaskedToSource:  # uses both the mask and the source in the graph, as masked / style losses do
+        name = "masked_to_source"
+
+        def prepare(self, source):
+            self.source = source
+            return self
+
+        def __call__(self, x0, ctx):
+            return ((x0 - ctx.source) * ctx.blend_mask).pow(2).flatten(1).mean(1)
+
+    with torch.inference_mode():
+        source, mask = torch.rand(1, 3, 16, 16) * 2 - 1, torch.ones(1, 1, 16, 16)
+        decoder = toy_decoder()
+        guide = LatentGuide([MaskedToSource()], decoder, source, mask=mask, strength=0.5, modules=[decoder])
+        out = guide(call(latents(), SIGMAS[1]))
+    assert bool(torch.isfinite(out).all())

@@ -138,6 +138,12 @@ class LatentGuide:
         self.run: Optional[_Run] = None
         self.total_guided_calls = 0  # over every run: what tests and benchmarks count
         self.guided_steps: set = set()  # sampler step indices of the latest run that were guided
+        self._max_rho: Optional[torch.Tensor] = None  # kept on the device: no extra host read per call
+
+    @property
+    def max_step_size(self) -> float:
+        """The largest step size (rho) applied so far; 0 when guidance never moved x0."""
+        return 0.0 if self._max_rho is None else float(self._max_rho)
 
     @property
     def enabled(self) -> bool:
@@ -174,17 +180,21 @@ class LatentGuide:
         return self.run
 
     def _prepare(self, run: _Run, size: tuple[int, int], device: torch.device) -> None:
-        """Terms are prepared at the first guided call, when the decoded size is known."""
+        """Terms are prepared at the first guided call, when the decoded size is known. Everything made here
+        is a normal tensor (copied outside inference mode): losses save the source and the mask for backward."""
+        with torch.inference_mode(False), torch.no_grad():
+            self._prepare_tensors(run, size, device)
+
+    def _prepare_tensors(self, run: _Run, size: tuple[int, int], device: torch.device) -> None:
         if self.source is not None:
             source = fit_to(self.source.to(device=device, dtype=torch.float32), size, "image")
-            run.source = rows_of(source, run.batch, "the source image").contiguous()
+            run.source = rows_of(source, run.batch, "the source image").clone()
         else:
             run.source = torch.zeros(run.batch, 3, *size, device=device)
         if self.mask is not None:
             mask = fit_to(self.mask.to(device=device, dtype=torch.float32), size, "mask")
-            run.mask = rows_of(mask, run.batch, "the mask").contiguous()
-        with torch.inference_mode(False), torch.no_grad():
-            run.prepared = [t.prepare(run.source) for t in self.terms]
+            run.mask = rows_of(mask, run.batch, "the mask").clone()
+        run.prepared = [t.prepare(run.source) for t in self.terms]
 
     def _guide(self, run: _Run, call: DenoiserCall, progress: float, step: int, steps: int) -> torch.Tensor:
         with torch.inference_mode(False):  # normal tensors: the mixture saves them for backward
@@ -213,6 +223,9 @@ class LatentGuide:
         self.total_guided_calls += 1
         self.guided_steps.add(step)
         run.prev_x0 = result.image
+        if result.step_size is not None:
+            rho = result.step_size.max()
+            self._max_rho = rho if self._max_rho is None else torch.maximum(self._max_rho, rho)
         if self.on_call is not None:
             self.on_call({"step": step, "steps": steps, "progress": progress, "losses": result.losses,
                           "step_size": result.step_size})

@@ -202,10 +202,10 @@ def main() -> None:
 
     if "lowers" in cases:
         res = {}
+        plain = ksample(base, steps=8)
         for name in cases["lowers"]:
             term = TERMS[name]()
             mask = MASK if name == "masked_clip" else None
-            plain = ksample(base, steps=8)
             guided = ksample(guided_model(base, [term], strength=cases.get("strength", 1.0), mask=mask), steps=8)
             res[name] = {"plain": final_loss(term, plain), "guided": final_loss(term, guided),
                          "finite": bool(torch.isfinite(guided).all())}
@@ -216,22 +216,22 @@ def main() -> None:
         for kind in cases["matrix"]["kinds"]:
             model = with_prediction(base, kind)
             for sampler in cases["matrix"]["samplers"]:
-                guided = guided_model(model, [TERMS["range"](), TERMS["dino_structure"]()], strength=0.5)
+                # the plumbing under test is the sampler's; the cheap range term keeps 18 runs short
+                guided = guided_model(model, [TERMS["range"]()], strength=0.5)
                 result = ksample(guided, steps=4, sampler=sampler, scheduler="karras")
                 guide = guide_of(guided)
                 res[f"{kind}/{sampler}"] = {"finite": bool(torch.isfinite(result).all()),
                                             "guided_calls": guide.total_guided_calls if guide else -1,
-                                            "differs": not bool(torch.equal(result, ksample(model, steps=4, sampler=sampler,
-                                                                                            scheduler="karras")))}
+                                            "moved": guide.max_step_size > 0 if guide else False}
         out["matrix"] = res
 
     if "guiders" in cases:
         res = {}
         for kind in cases["guiders"]:
-            guided = guided_model(base, [TERMS["range"](), TERMS["dino_structure"]()], strength=0.5)
+            guided = guided_model(base, [TERMS["range"]()], strength=0.5)
             result = custom_sample(guided, kind)
             res[kind] = {"finite": bool(torch.isfinite(result).all()), "guided_calls": guide_of(guided).total_guided_calls,
-                         "differs": not bool(torch.equal(result, custom_sample(base, kind)))}
+                         "moved": guide_of(guided).max_step_size > 0}
         out["guiders"] = res
 
     if "band" in cases:
@@ -256,8 +256,8 @@ def main() -> None:
     if "repeat_cancel_memory" in cases:
         terms = [TERMS["dino_structure"](), TERMS["clip_directional"]()]
         guided = guided_model(base, terms, strength=0.5)
-        first = ksample(guided, seed=4)
-        second = ksample(guided, seed=4)
+        first = ksample(guided, seed=4, steps=4)
+        second = ksample(guided, seed=4, steps=4)
 
         def cancel_at_2(step, x0, x, total):
             if step == 2:
@@ -265,13 +265,13 @@ def main() -> None:
                 mm.throw_exception_if_processing_interrupted()
         cancelled = False
         try:
-            ksample(guided, seed=4, callback=cancel_at_2)
+            ksample(guided, seed=4, steps=4, callback=cancel_at_2)
         except mm.InterruptProcessingException:
             cancelled = True
-        after_cancel = ksample(guided, seed=4)
+        after_cancel = ksample(guided, seed=4, steps=4)
         rss = []
         for i in range(cases["repeat_cancel_memory"]):
-            ksample(guided, seed=10 + i)
+            ksample(guided, seed=10 + i, steps=3)
             rss.append(rss_mb())
         out["repeat_cancel_memory"] = {"same_seed_equal": bool(torch.equal(first, second)), "cancelled": cancelled,
                                        "after_cancel_equal": bool(torch.equal(first, after_cancel)), "rss_mb": rss}
