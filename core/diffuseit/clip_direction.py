@@ -10,6 +10,9 @@ Per CLIP model m of the ensemble:
 * ``L_CLIP(x) = -(1/M) sum_m <E_I^m(0.5 x + 0.5, ncuts), v_m>``, weight 2000 (§4.5). The mean of
   unit cut embeddings is not re-normalised, so this is not exactly a cosine (as upstream).
 
+A non-square image (DiffuseIT with ``keep_aspect``; upstream only ever sees squares) is scored through
+square windows along its long side (:func:`random_cuts`, :func:`eval_views`); a square one as upstream.
+
 Upstream squeezes the batch (batch size 1 only). Here row b of a batch is scored on its own,
 against its own source row, so a batch equals serial runs; with one ``torch.Generator`` per row
 the random cuts are identical too.
