@@ -161,15 +161,24 @@ def _clip_models(args: argparse.Namespace, names: Sequence[str], device: str):
     return ClipEnsemble(loaded)
 
 
+def _diffuseit_source(path: str, ddpm, args: argparse.Namespace) -> torch.Tensor:
+    """Upstream's exact square LANCZOS load by default; at the file's own size when --keep-aspect or
+    --upscale-to-source is given (the pipeline then resizes it, and knows the size to return)."""
+    if args.keep_aspect or args.upscale_to_source:
+        return load_image(path)
+    return load_image_pil(path, ddpm.image_size)
+
+
 def cmd_diffuseit_text(args: argparse.Namespace) -> int:
     from .diffuseit.pipeline import diffuseit_text
 
     device = args.device or default_device()
     ddpm = _ddpm(args, device)
-    source = load_image_pil(args.image, ddpm.image_size).to(device)
+    source = _diffuseit_source(args.image, ddpm, args).to(device)
     clip = _clip_models(args, [m.strip() for m in args.clip_models.split(",") if m.strip()], device)
     result = diffuseit_text(ddpm, _dino(args, device), clip, source, args.source_text, args.target_text,
                             samples=args.samples, seed=args.seed, chunk_size=args.chunk_size,
+                            keep_aspect=args.keep_aspect, upscale_to_source=args.upscale_to_source,
                             callback=tqdm_callback("DiffuseIT"), **_overrides(args))
     for path in save_image(result.images, args.out):
         print(path)
@@ -181,10 +190,12 @@ def cmd_diffuseit_image(args: argparse.Namespace) -> int:
 
     device = args.device or default_device()
     ddpm = _ddpm(args, device)
-    source = load_image_pil(args.image, ddpm.image_size).to(device)
-    style = load_image_pil(args.style, ddpm.image_size).to(device)
+    source = _diffuseit_source(args.image, ddpm, args).to(device)
+    style = _diffuseit_source(args.style, ddpm, args).to(device)
     result = diffuseit_image(ddpm, _dino(args, device), source, style, samples=args.samples, seed=args.seed,
-                             chunk_size=args.chunk_size, callback=tqdm_callback("DiffuseIT"), **_overrides(args))
+                             chunk_size=args.chunk_size, keep_aspect=args.keep_aspect,
+                             upscale_to_source=args.upscale_to_source, callback=tqdm_callback("DiffuseIT"),
+                             **_overrides(args))
     for path in save_image(result.images, args.out):
         print(path)
     return 0
@@ -246,6 +257,14 @@ def _model_args(p: argparse.ArgumentParser, dino: bool = False) -> None:
                    help="gradient checkpointing of the UNet and CLIP towers: ~55%% less step memory, ~25%% slower")
 
 
+def _aspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-aspect", dest="keep_aspect", action="store_true",
+                   help="sample at the image's aspect ratio (short side at the model's resolution, sides multiples "
+                        "of 32 for the 256 px model) instead of upstream's squashed square")
+    p.add_argument("--upscale-to-source", dest="upscale_to_source", action="store_true",
+                   help="resize the results back to the input image's size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffuseit-blended", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,13 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diffuseit-text", help="DiffuseIT text-guided translation (official text preset)")
     _model_args(p, dino=True)
-    p.add_argument("--image", required=True, help="source image (resized to 256x256 like the official code)")
+    p.add_argument("--image", required=True, help="source image (resized to 256x256 like the official code, "
+                                                  "unless --keep-aspect)")
     p.add_argument("--source-text", required=True, help="what the image shows, e.g. 'Lion'")
     p.add_argument("--target-text", required=True, help="what it should become, e.g. 'Black Leopard'")
     p.add_argument("--clip-models", default="RN50, RN50x4, ViT-B-32, RN50x16, ViT-B-16", help="CLIP ensemble")
     p.add_argument("--skip-timesteps", dest="skip_timesteps", type=int, default=None)
     p.add_argument("--respacing", default=None)
     p.add_argument("--resample-steps", dest="resample_steps", type=int, default=None)
+    _aspect_args(p)
     p.add_argument("--out", default="outputs/diffuseit_text.png")
     p.set_defaults(func=cmd_diffuseit_text)
 
@@ -275,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-timesteps", dest="skip_timesteps", type=int, default=None)
     p.add_argument("--respacing", default=None)
     p.add_argument("--resample-steps", dest="resample_steps", type=int, default=None)
+    _aspect_args(p)
     p.add_argument("--out", default="outputs/diffuseit_image.png")
     p.set_defaults(func=cmd_diffuseit_image)
 

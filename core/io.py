@@ -104,11 +104,56 @@ def resize_to_model(x: torch.Tensor, size: int) -> torch.Tensor:
     A tensor path (bicubic with antialias) is used so IMAGE batches never leave the device; it differs
     from PIL's LANCZOS by a few 1/255 steps (``load_image_pil`` is the exact upstream path).
     """
+    return resize_to(x, (size, size))
+
+
+def resize_to(x: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """Resize [B,3,H,W] in [-1, 1] to ``size_hw`` = (height, width): bicubic with antialias, clamped;
+    returned as is when it already has that size."""
     import torch.nn.functional as F
 
-    if x.shape[-2:] == (size, size):
+    height, width = int(size_hw[0]), int(size_hw[1])
+    if tuple(x.shape[-2:]) == (height, width):
         return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+    return F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+# Longest side / shortest side sampled with keep_aspect: a 10:1 strip is sampled at 4:1 (squashed that far),
+# so a thin image can never ask for a UNet input tens of times the model's area.
+MAX_ASPECT = 4.0
+
+
+def model_size_for(source_hw: tuple[int, int], image_size: int, multiple: int,
+                   max_aspect: float = MAX_ASPECT) -> tuple[int, int]:
+    """(height, width) to sample a ``source_hw`` image at with its aspect ratio kept (``keep_aspect``).
+
+    The short side is the model's ``image_size`` (what it was trained at); the long side is
+    ``image_size * long / short`` (the ratio capped at ``max_aspect``) rounded to the nearest multiple of
+    ``multiple`` (the UNet's downsampling factor, :attr:`core.diffusion.checkpoints.DDPM.size_multiple`)
+    and never shorter than the short side. A square source (and any source within half a multiple of
+    square) gives ``(image_size, image_size)``, the upstream size. E.g. 1600x900 (W x H) on the 256 px model
+    (multiple 32) -> (256, 448); 900x1600 -> (448, 256).
+    """
+    height, width = int(source_hw[0]), int(source_hw[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"source size must be positive, got {height}x{width} (height x width)")
+    if multiple < 1 or image_size < 1 or image_size % multiple:
+        raise ValueError(f"the model's image_size {image_size} must be a positive multiple of its size multiple "
+                         f"{multiple} (2 ** (levels - 1))")
+    if max_aspect < 1:
+        raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+    ratio = min(max(height, width) / min(height, width), float(max_aspect))
+    steps = int(image_size * ratio / multiple + 0.5)  # nearest multiple, halves up (not banker's rounding)
+    long_side = max(image_size, steps * multiple)
+    return (image_size, long_side) if height <= width else (long_side, image_size)
+
+
+def resize_for_model(x: torch.Tensor, image_size: int, multiple: int, keep_aspect: bool) -> torch.Tensor:
+    """[B,3,H,W] at the size the UNet samples it: :func:`model_size_for` with ``keep_aspect``, else
+    ``image_size`` square (upstream). A square input gives the very same tensor either way."""
+    if not keep_aspect:
+        return resize_to_model(x, image_size)
+    return resize_to(x, model_size_for(tuple(x.shape[-2:]), image_size, multiple))
 
 
 def to_uint8(x: torch.Tensor, rounding: Literal["truncate", "round"] = "truncate") -> torch.Tensor:

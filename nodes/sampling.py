@@ -9,7 +9,7 @@ from ..core.blended.pipeline import blended_sample
 from ..core.diffusion.guided_loop import GuidedSamplerOptions
 from ..core.diffusion.batching import planned_steps, sample_many
 from ..core.diffusion.range import RESTART_THRESHOLD
-from ..core.io import from_model, resize_to_model, to_model
+from ..core.io import from_model, resize_for_model, resize_to, to_model
 from . import comfy_bridge as bridge
 from .types import BlendType, DDPMType, GuidanceType
 
@@ -28,8 +28,9 @@ class GuidedSampler(io.ComfyNode):
                         "node's image, so they need no image wiring of their own.",
             inputs=[
                 DDPMType.Input("ddpm", tooltip="The diffusion model from Load DDPM."),
-                io.Image.Input("image", tooltip="Source image(s). Resized to the model's resolution (256 px for the "
-                                                "ImageNet model) unless a Background Blend crops around its mask."),
+                io.Image.Input("image", tooltip="Source image(s). Resized to the model's resolution (short side 256 px "
+                                                "for the ImageNet model, see keep_aspect) unless a Background Blend "
+                                                "crops around its mask."),
                 GuidanceType.Input("guidance", optional=True,
                                    tooltip="Chained guidance losses (DINO structure/style, CLIP, semantic divergence, "
                                            "range...). Without guidance this is plain SDEdit-style resampling."),
@@ -61,6 +62,15 @@ class GuidedSampler(io.ComfyNode):
                                          "(at most max_restarts times)."),
                 io.Int.Input("max_restarts", default=3, min=0, max=100,
                              tooltip="Upper bound on range restarts per sample (upstream has none)."),
+                io.Boolean.Input("keep_aspect", default=True,
+                                 tooltip="Sample at the image's aspect ratio: short side at the model's resolution, "
+                                         "long side to the nearest multiple of the UNet's downsampling factor (32 "
+                                         "for the 256 px model; 1600x900 -> 448x256), at most 4:1. Off = upstream's "
+                                         "square (a wide photo comes back squashed). Ignored with a Background Blend."),
+                io.Boolean.Input("upscale_to_source", default=False,
+                                 tooltip="Resize the results back to the input image's size (bicubic). Off = the "
+                                         "size they were sampled at. Ignored with a Background Blend (it always "
+                                         "returns the full-size image)."),
             ],
             outputs=[io.Image.Output(display_name="images",
                                      tooltip="The last step's x0 prediction per sample (what the official code saves).")],
@@ -68,7 +78,8 @@ class GuidedSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, ddpm, image, guidance=None, blend=None, respacing="100", skip_timesteps=40, resample_steps=10,
-                sampler="ddpm", seed=0, samples=1, chunk_size=0, range_restart=False, max_restarts=3) -> io.NodeOutput:
+                sampler="ddpm", seed=0, samples=1, chunk_size=0, range_restart=False, max_restarts=3,
+                keep_aspect=True, upscale_to_source=False) -> io.NodeOutput:
         core_ddpm = ddpm.value
         models = [ddpm] + list(guidance.models if guidance is not None else ())
         bridge.load_to_device(models)
@@ -86,7 +97,10 @@ class GuidedSampler(io.ComfyNode):
                 result = blended_sample(core_ddpm, source, blend, terms, samples=samples, seed=seed,
                                         respacing=respacing, options=options, chunk_size=chunk_size, callback=progress)
             else:
-                result = sample_many(core_ddpm.unet, schedule, resize_to_model(source, core_ddpm.image_size), terms,
+                model_source = resize_for_model(source, core_ddpm.image_size, core_ddpm.size_multiple, keep_aspect)
+                result = sample_many(core_ddpm.unet, schedule, model_source, terms,
                                      samples_per_image=samples, seed=seed, chunk_size=chunk_size, options=options,
                                      callback=progress, learn_sigma=core_ddpm.learn_sigma)
+                if upscale_to_source:
+                    result.images = resize_to(result.images, tuple(source.shape[-2:]))
         return io.NodeOutput(from_model(result.images).to(bridge.intermediate_device()))

@@ -61,6 +61,11 @@ def test_pipelines_on_tiny_models(tmp_path):
     image = run_cli("diffuseit-image", *models_only, "--resample-steps", "1", "--image", f"{ROOT}/assets/chelsea.png",
                     "--style", f"{ROOT}/assets/coffee.png", "--out", str(tmp_path / "style.png"))
     assert image.returncode == 0, image.stderr
+    assert Image.open(tmp_path / "style.png").size == (256, 256)  # faithful: upstream's square
+    kept = run_cli("diffuseit-image", *models_only, "--resample-steps", "1", "--image", f"{ROOT}/assets/chelsea.png",
+                   "--style", f"{ROOT}/assets/coffee.png", "--keep-aspect", "--out", str(tmp_path / "kept.png"))
+    assert kept.returncode == 0, kept.stderr
+    assert Image.open(tmp_path / "kept.png").size == (384, 256)  # 451x300: 256 * 451/300 = 384.9 -> 12 * 32
     blended = run_cli("blended", *common, "--clip-model", "tiny-clip-vit", "--image", f"{ROOT}/assets/coffee.png",
                       "--mask", f"{ROOT}/assets/coffee_mask.png", "--prompt", "latte art", "--samples", "2",
                       "--out", str(tmp_path / "edit.png"))
@@ -74,6 +79,16 @@ def test_pipelines_on_tiny_models(tmp_path):
     import numpy as np
     keep = np.asarray(mask) == 0
     assert (np.asarray(out)[keep] == np.asarray(src)[keep]).all()  # outside the mask: the photo, unchanged
+
+
+def test_aspect_flags_are_off_in_the_faithful_presets():
+    from core.cli import build_parser
+    for command, extra in (("diffuseit-text", ["--source-text", "a", "--target-text", "b"]),
+                           ("diffuseit-image", ["--style", "s.png"])):
+        args = build_parser().parse_args([command, "--image", "i.png", *extra])
+        assert (args.keep_aspect, args.upscale_to_source) == (False, False)
+        args = build_parser().parse_args([command, "--image", "i.png", *extra, "--keep-aspect", "--upscale-to-source"])
+        assert (args.keep_aspect, args.upscale_to_source) == (True, True)
 
 
 def test_failed_download_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
@@ -267,6 +268,13 @@ def test_features_are_differentiable(extractor: DINOExtractor, fx: dict) -> None
     assert all(p.grad is None for p in extractor.parameters())
 
 
-def test_non_square_input_rejected(extractor: DINOExtractor, fx: dict) -> None:
-    with pytest.raises(ValueError, match="square"):
-        extractor(fx["image.source"][..., :-8])
+def test_non_square_input_keeps_its_aspect(extractor: DINOExtractor, fx: dict) -> None:
+    """Resize(224) keeps the aspect ratio (upstream's transform) and the ViT takes the patch grid it gives:
+    64 x 56 -> 256 x 224 = 32 x 28 patches; 64 x 128 -> 224 x 448 = 28 x 56 patches; 64 x 60 -> 238 x 224,
+    29 whole rows of patches (the last 6 pixel rows dropped, as DINO's patch convolution does)."""
+    x = fx["image.source"]
+    assert x.shape[-2:] == (64, 64)
+    tokens = {hw: extractor(F.interpolate(x, size=hw, mode="bilinear", align_corners=False)).keys.shape[1]
+              for hw in ((64, 56), (64, 128), (64, 60))}
+    assert tokens == {(64, 56): 1 + 32 * 28, (64, 128): 1 + 28 * 56, (64, 60): 1 + 29 * 28}
+    assert extractor(x).keys.shape[1] == 1 + 28 * 28

@@ -80,6 +80,28 @@ def test_diffuseit_text_graph_equals_diffuseit_text(models):
     assert_close(out, expected, float32_atol(expected, ULPS), rtol=0, what="text graph vs diffuseit_text")
 
 
+def test_diffuseit_text_graph_keeps_aspect_like_diffuseit_text(models):
+    """keep_aspect + upscale_to_source in the node are the library's: a 24x40 image is sampled at 32x52
+    and returned at 24x40 by both."""
+    ddpm, dino, clip = models
+    from diffuseit_pack.nodes import guidance as g
+    from diffuseit_pack.core.diffuseit import diffuseit_text
+    image = _image(24, 40, 6)
+    (chain,) = _run(g.DINOStructureLossNode, dino=dino, lambda_ssim=TEXT["lambda_ssim"],
+                    lambda_contra=TEXT["lambda_contra"], contrast_schedule="regularize_content", noise_mix=True)
+    (chain,) = _run(g.CLIPDirectionalLossNode, clip=clip, source_text="Lion", target_text="Black Leopard",
+                    lambda_clip=TEXT["lambda_clip"], ncuts=2, guidance=chain)
+    (chain,) = _run(g.RangeLossNode, weight=TEXT["lambda_range"], guidance=chain)
+    out = _sampler(ddpm, image, chain, keep_aspect=True, upscale_to_source=True)
+    lib = diffuseit_text(ddpm.value, dino.value, clip.value, _model(image), "Lion", "Black Leopard", samples=SAMPLES,
+                         seed=SEED, preset="text", ncuts=2, noise_mix_all=True, range_restart=True,
+                         keep_aspect=True, upscale_to_source=True, **RUN,
+                         **dict(TEXT, lambda_dir_cls=0.0))
+    assert lib.samples.shape[-2:] == (32, 52) and out.shape == (1, 24, 40, 3)
+    expected = _from_model(lib.images)
+    assert_close(out, expected, float32_atol(expected, ULPS), rtol=0, what="keep_aspect graph vs diffuseit_text")
+
+
 def test_diffuseit_image_graph_equals_diffuseit_image(models):
     ddpm, dino, _ = models
     from diffuseit_pack.nodes import guidance as g

@@ -28,12 +28,16 @@ def sampler(**kw):
     return _run(GuidedSampler, **args)[0]
 
 
-@pytest.mark.parametrize("shape", [(1, 20, 30, 1), (1, 20, 30, 4), (1, 8, 8, 3), (1, 300, 40, 3)])
-def test_unusual_images_are_accepted(graph, shape):
+# the tiny UNet samples 32 px with sides multiples of 4: keep_aspect (the default) gives these sizes
+@pytest.mark.parametrize("shape, sampled", [((1, 20, 30, 1), (32, 48)), ((1, 20, 30, 4), (32, 48)),
+                                            ((1, 8, 8, 3), (32, 32)), ((1, 300, 40, 3), (128, 32))])  # 7.5:1 -> 4:1
+def test_unusual_images_are_accepted(graph, shape, sampled):
     _, ddpm, _, chain = graph
     out = sampler(ddpm=ddpm, image=torch.rand(*shape), guidance=chain)
+    assert out.shape == (1, *sampled, 3) and torch.isfinite(out).all()
     size = ddpm.value.image_size
-    assert out.shape == (1, size, size, 3) and torch.isfinite(out).all()
+    square = sampler(ddpm=ddpm, image=torch.rand(*shape), guidance=chain, keep_aspect=False)
+    assert square.shape == (1, size, size, 3) and torch.isfinite(square).all()
 
 
 def test_seed_extremes(graph):

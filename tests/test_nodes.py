@@ -92,7 +92,7 @@ def test_guided_sampler_node_runs_in_inference_mode_with_progress(pack):
         out = GuidedSampler.execute(**kwargs).result[0]
         again = GuidedSampler.execute(**kwargs).result[0]
     size = ddpm.value.image_size
-    assert out.shape == (2, size, size, 3) and 0 <= out.min() and out.max() <= 1
+    assert out.shape == (2, size, 40, 3) and 0 <= out.min() and out.max() <= 1  # 40x48 -> 32x38.4 -> 32x40
     assert torch.equal(out, again)
     steps = (10 - 5 - 1 + 2) * 2
     assert [u[0] for u in comfy.utils.updates[:steps]] == list(range(1, steps + 1))
@@ -156,7 +156,7 @@ def test_diffuseit_text_and_image_graphs(pack):
                   range_restart=True, max_restarts=1)
     (out,) = _run(GuidedSampler, guidance=text_chain, **kwargs)
     (again,) = _run(GuidedSampler, guidance=text_chain, **kwargs)
-    assert out.shape == (2, 32, 32, 3) and torch.equal(out, again)
+    assert out.shape == (2, 32, 52, 3) and torch.equal(out, again)  # keep_aspect: 24x40 -> 32x53.3 -> 32x52
     (style_chain,) = _run(g.DINOStyleLossNode, dino=dino, style_image=torch.rand(1, 50, 30, 3),
                           guidance=_run(g.DINOStructureLossNode, dino=dino)[0])
     (styled,) = _run(GuidedSampler, guidance=style_chain, **kwargs)

@@ -10,6 +10,9 @@ Per CLIP model m of the ensemble:
 * ``L_CLIP(x) = -(1/M) sum_m <E_I^m(0.5 x + 0.5, ncuts), v_m>``, weight 2000 (§4.5). The mean of
   unit cut embeddings is not re-normalised, so this is not exactly a cosine (as upstream).
 
+A non-square image (DiffuseIT with ``keep_aspect``; upstream only ever sees squares) is scored through
+square windows along its long side (:func:`random_cuts`, :func:`eval_views`); a square one as upstream.
+
 Upstream squeezes the batch (batch size 1 only). Here row b of a batch is scored on its own,
 against its own source row, so a batch equals serial runs; with one ``torch.Generator`` per row
 the random cuts are identical too.
@@ -76,6 +79,42 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return x[..., top:top + size, left:left + size]
+
+
+def square_window_offsets(height: int, width: int) -> list[int]:
+    """Offsets along the long side of the square windows (side = the short side) that :func:`image_embedding`
+    scores a non-square image with: ``ceil(long / short)`` windows, evenly spaced from one end to the other,
+    so together they cover the image. A square image has the one window at offset 0."""
+    short, long = min(height, width), max(height, width)
+    extra = long - short
+    if extra == 0:
+        return [0]
+    count = -(-long // short)  # >= 2 here
+    return [int(i * extra / (count - 1) + 0.5) for i in range(count)]
+
+
+def square_window(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """The square window (side = the short side) of an (N)CHW image starting ``offset`` pixels along its long side."""
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    return x[..., offset:offset + side, :] if h > w else x[..., :, offset:offset + side]
+
+
+def eval_views(model: ClipModel, x01: torch.Tensor) -> torch.Tensor:
+    """[B, V, C, n_px, n_px] CLIP inputs of the ``ncuts = 0`` path for images of any aspect ratio.
+
+    The image is resized so its short side is n_px (upstream's ``Resize(n_px)``); a square one then
+    gives upstream's single centre crop, a non-square one the :func:`square_window_offsets` windows, so
+    CLIP (square input) sees all of it instead of the centre crop alone.
+    """
+    if x01.shape[-2] == x01.shape[-1]:
+        return eval_preprocess(model, x01).unsqueeze(1)
+    size = model.image_size
+    h, w = x01.shape[-2:]
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    resized = F.interpolate(x01, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
+    views = [square_window(resized, off) for off in square_window_offsets(new_h, new_w)]
+    return torch.stack([model.normalize(v) for v in views], dim=1)
 
 
 def eval_preprocess(model: ClipModel, x01: torch.Tensor) -> torch.Tensor:
@@ -173,9 +212,22 @@ def apply_cut(x01: torch.Tensor, params: CutParams, size: int) -> torch.Tensor:
 
 
 def random_cuts(x01: torch.Tensor, ncuts: int, size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """[ncuts, C, size, size] independent random cuts of one CHW [0, 1] image (not yet CLIP-normalised)."""
+    """[ncuts, C, size, size] independent random cuts of one CHW [0, 1] image (not yet CLIP-normalised).
+
+    A square image is cut as upstream. A non-square one gets, per cut, a square window (side = the
+    short side) at an offset drawn uniformly along the long side first, then upstream's cut of that
+    window: torchvision's crop ratio (0.9-1.1) cannot fit a 16:9 image, so upstream's fallback would give
+    every cut the same centre crop and leave the sides unguided.
+    """
     h, w = x01.shape[-2:]
-    return torch.stack([apply_cut(x01, sample_cut_params(h, w, generator), size) for _ in range(ncuts)])
+    if h == w:
+        return torch.stack([apply_cut(x01, sample_cut_params(h, w, generator), size) for _ in range(ncuts)])
+    side, extra = min(h, w), abs(h - w)
+    cuts = []
+    for _ in range(ncuts):
+        offset = int(torch.randint(0, extra + 1, (1,), generator=generator).item())
+        cuts.append(apply_cut(square_window(x01, offset), sample_cut_params(side, side, generator), size))
+    return torch.stack(cuts)
 
 
 def mean_unit_embedding(embeddings: torch.Tensor) -> torch.Tensor:
@@ -195,12 +247,17 @@ def _row_generators(generator: Generators, batch: int) -> list[Optional[torch.Ge
 def image_embedding(model: ClipModel, x01: torch.Tensor, ncuts: int = 0, generator: Generators = None) -> torch.Tensor:
     """``E_I(x01, ncuts)`` per row: [B, D] from NCHW [0, 1] images (§2.4).
 
-    ``ncuts = 0``: one deterministic cut (the test path), so the result is the unit embedding.
+    ``ncuts = 0``: one deterministic cut (the test path), so the result is the unit embedding; a
+    non-square image averages the unit embeddings of its :func:`eval_views` windows instead.
     Otherwise every row gets ``ncuts`` random cuts, drawn from its own generator when a sequence
     of generators (one per row) is given; all cuts of the batch go through the encoder at once.
     """
     if ncuts == 0:
-        return mean_unit_embedding(model.encode_image(eval_preprocess(model, x01)).unsqueeze(1))
+        if x01.shape[-2] == x01.shape[-1]:
+            return mean_unit_embedding(model.encode_image(eval_preprocess(model, x01)).unsqueeze(1))
+        views = eval_views(model, x01)  # non-square: the mean over square windows that cover the image
+        emb = model.encode_image(views.flatten(0, 1))
+        return mean_unit_embedding(emb.reshape(x01.shape[0], views.shape[1], -1))
     gens = _row_generators(generator, x01.shape[0])
     cuts = torch.cat([random_cuts(x01[b], ncuts, model.image_size, gens[b]) for b in range(x01.shape[0])])
     emb = model.encode_image(model.normalize(cuts))

@@ -2,7 +2,9 @@
 
 The presets equal the official README commands (spec section 5). ``diffuseit_guidance`` builds the
 term tuple the official ``cond_fn`` sums; ``diffuseit_text`` / ``diffuseit_image`` run it through the
-single-pass guided sampler, with the official 10 serial iterations as a batch dimension.
+single-pass guided sampler, with the official 10 serial iterations as a batch dimension. Both take
+``keep_aspect`` (sample at the source's aspect ratio instead of upstream's square) and
+``upscale_to_source``; both are off by default, as upstream.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..diffusion.batching import sample_many
 from ..diffusion.guided_loop import GuidedResult, GuidedSamplerOptions
 from ..diffusion.range import RESTART_THRESHOLD, RangeLoss
 from ..diffusion.schedule import DiffusionSchedule
+from ..io import model_size_for, resize_to
 from .dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
 
@@ -91,38 +94,67 @@ def _settings(preset: str, overrides: dict) -> DiffuseITSettings:
     return replace(PRESETS[preset], **overrides)
 
 
-def _check_source(source: torch.Tensor, size: int) -> None:
+def _model_source(source: torch.Tensor, ddpm: Any, keep_aspect: bool, upscale_to_source: bool) -> torch.Tensor:
+    """``source`` at the size it is sampled at: ``image_size`` square (upstream), or with ``keep_aspect`` the
+    source's aspect ratio with the short side at ``image_size`` (:func:`core.io.model_size_for`).
+
+    Upstream loads its images at the model size itself, so a faithful call (both options off) must pass
+    the source at that size already; with either option on, a source of any size is resized here
+    (antialiased bicubic, :func:`core.io.resize_to`).
+    """
     if source.dim() != 4 or source.shape[1] != 3:
         raise ValueError(f"source must be [B,3,H,W] in [-1,1], got {tuple(source.shape)}")
-    if source.shape[-2:] != (size, size):
+    size = ddpm.image_size
+    target = model_size_for(tuple(source.shape[-2:]), size, ddpm.size_multiple) if keep_aspect else (size, size)
+    if tuple(source.shape[-2:]) == target:
+        return source
+    if not (keep_aspect or upscale_to_source):
         raise ValueError(f"source is {tuple(source.shape[-2:])}; resize it to the model's {size}x{size} first "
-                         "(core.io.resize_to_model or load_image_pil)")
+                         "(core.io.resize_to_model or load_image_pil), or pass keep_aspect=True")
+    return resize_to(source, target)
+
+
+def _finish(images: torch.Tensor, source: torch.Tensor, upscale_to_source: bool) -> torch.Tensor:
+    return resize_to(images, tuple(source.shape[-2:])) if upscale_to_source else images
 
 
 def diffuseit_text(ddpm: Any, dino: Any, clip: Sequence[Any], source: torch.Tensor, source_text: str,
                    target_text: str, *, samples: int = 1, seed: int = 0, chunk_size: int = 0, preset: str = "text",
+                   keep_aspect: bool = False, upscale_to_source: bool = False,
                    callback: Optional[Callable[[dict], None]] = None, **overrides: Any) -> GuidedResult:
-    """Text-guided translation of ``source`` ([B,3,S,S] in [-1,1]) from ``source_text`` to ``target_text``."""
+    """Text-guided translation of ``source`` ([B,3,H,W] in [-1,1]) from ``source_text`` to ``target_text``.
+
+    Upstream (both options off) samples a ``image_size`` square, so ``source`` must already be one.
+    ``keep_aspect`` samples at the source's aspect ratio (short side ``image_size``, sides multiples of
+    ``ddpm.size_multiple``); ``upscale_to_source`` resizes the results to the size ``source`` came in.
+    ``result.samples`` stay at the sampled size.
+    """
     settings = _settings(preset, overrides)
-    _check_source(source, ddpm.image_size)
+    model_source = _model_source(source, ddpm, keep_aspect, upscale_to_source)
     terms = diffuseit_guidance(dino, settings, clip=clip, source_text=source_text, target_text=target_text)
-    return sample_many(ddpm.unet, ddpm.schedule(settings.respacing), source, terms, samples_per_image=samples,
-                       seed=seed, chunk_size=chunk_size, options=sampler_options(settings), callback=callback,
-                       learn_sigma=ddpm.learn_sigma)
+    result = sample_many(ddpm.unet, ddpm.schedule(settings.respacing), model_source, terms, samples_per_image=samples,
+                         seed=seed, chunk_size=chunk_size, options=sampler_options(settings), callback=callback,
+                         learn_sigma=ddpm.learn_sigma)
+    result.images = _finish(result.images, source, upscale_to_source)
+    return result
 
 
 def diffuseit_image(ddpm: Any, dino: Any, source: torch.Tensor, style: torch.Tensor, *, samples: int = 1,
-                    seed: int = 0, chunk_size: int = 0, preset: str = "image",
-                    callback: Optional[Callable[[dict], None]] = None, **overrides: Any) -> GuidedResult:
-    """Image-guided translation: the structure of ``source``, the appearance of ``style`` ([1,3,H,W])."""
+                    seed: int = 0, chunk_size: int = 0, preset: str = "image", keep_aspect: bool = False,
+                    upscale_to_source: bool = False, callback: Optional[Callable[[dict], None]] = None,
+                    **overrides: Any) -> GuidedResult:
+    """Image-guided translation: the structure of ``source``, the appearance of ``style`` ([1,3,H,W], any
+    size: the style term resizes it to the sampled size). ``keep_aspect`` / ``upscale_to_source`` as
+    :func:`diffuseit_text`; colour matching runs on the sampled size, before any upscaling."""
     settings = _settings(preset, overrides)
-    _check_source(source, ddpm.image_size)
+    model_source = _model_source(source, ddpm, keep_aspect, upscale_to_source)
     terms = diffuseit_guidance(dino, settings, style_image=style)
-    result = sample_many(ddpm.unet, ddpm.schedule(settings.respacing), source, terms, samples_per_image=samples,
+    result = sample_many(ddpm.unet, ddpm.schedule(settings.respacing), model_source, terms, samples_per_image=samples,
                          seed=seed, chunk_size=chunk_size, options=sampler_options(settings), callback=callback,
                          learn_sigma=ddpm.learn_sigma)
     if settings.colormatch:
         result.images = match_colors(result.images, style)
+    result.images = _finish(result.images, source, upscale_to_source)
     return result
 
 

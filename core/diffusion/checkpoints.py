@@ -295,6 +295,11 @@ class DDPM:
         return self.config.image_size
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides the UNet takes are multiples of this (2 ** (levels - 1); 32 for the 256 px models)."""
+        return self.config.size_multiple
+
+    @property
     def class_cond(self) -> bool:
         return self.config.num_classes is not None
 

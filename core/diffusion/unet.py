@@ -40,6 +40,12 @@ class UNetConfig:
     use_new_attention_order: bool = False
     conv_resample: bool = True
 
+    @property
+    def size_multiple(self) -> int:
+        """Each image side must be a multiple of this: the UNet halves the resolution once per level after
+        the first, and the upsampling path must meet every skip at the same size (256 px model: 32)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
     def heads_for(self, channels: int, upsample: bool = False) -> int:
         if self.num_head_channels != -1:
             if channels % self.num_head_channels:

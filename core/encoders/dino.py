@@ -287,11 +287,30 @@ def dino_resize_size(height: int, width: int, size: int = 224, max_size: int = 4
     return (new_short, new_long) if height <= width else (new_long, new_short)
 
 
+def resample_position_grid(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A ViT's learned position embeddings ``(1, 1 + n*n, D)`` ([CLS] first) for a ``rows x cols`` patch grid.
+
+    DINO's rule for inputs other than 224 px: the [CLS] entry is kept, the n x n grid is resized
+    bicubically with scale factors ``(rows + 0.1) / n`` and ``(cols + 0.1) / n`` (the extra 0.1 keeps the
+    floored output size from coming out one short) and flattened row by row like the patch tokens.
+    """
+    cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    n, dim = math.isqrt(grid_pos.shape[1]), grid_pos.shape[-1]
+    square = grid_pos.reshape(1, n, n, dim).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, scale_factor=((rows + 0.1) / n, (cols + 0.1) / n), mode="bicubic",
+                            align_corners=False)
+    if tuple(resized.shape[-2:]) != (rows, cols):  # cannot happen for grids up to thousands of patches
+        raise RuntimeError(f"position grid resized to {tuple(resized.shape[-2:])}, expected {(rows, cols)}")
+    return torch.cat([cls_pos, resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)], dim=1)
+
+
 class DINOExtractor(nn.Module):
     """DiffuseIT's DINO feature extractor (spec §2.3) around a timm ViT.
 
-    ``forward(x)`` takes images in [-1, 1] (B, 3, H, W), applies the upstream preprocessing
-    (``0.5x + 0.5`` -> ``Resize(224)`` bilinear -> ImageNet normalisation, no clamping) and returns
+    ``forward(x)`` takes images in [-1, 1] (B, 3, H, W) of any size, applies the upstream preprocessing
+    (``0.5x + 0.5`` -> ``Resize(224, max_size=480)`` bilinear, shorter side to 224 with the aspect ratio
+    kept -> ImageNet normalisation, no clamping; a non-square image gets DINO's interpolated position
+    grid, :meth:`tokens`) and returns
     :class:`DINOFeatures` of block ``layer`` (11 upstream). Differentiable w.r.t. ``x``; rows are
     independent. ``antialias=False`` reproduces the authors' torchvision 0.10 resize (and the
     fixtures); ``True`` is what torchvision >= 0.17 does by default.
@@ -326,15 +345,32 @@ class DINOExtractor(nn.Module):
         """[-1, 1] images -> normalised DINO input (spec §2.3; loss_vit.py global_transform)."""
         x01 = 0.5 * x + 0.5
         h, w = dino_resize_size(x.shape[-2], x.shape[-1], self.size)
-        if (h, w) != (self.size, self.size):
-            # timm's ViT (dynamic_img_size=False) takes exactly size x size; upstream only ever
-            # feeds square 256 px images, so a non-square input is a caller error
-            raise ValueError(f"DINO features need a square image; got {x.shape[-2]}x{x.shape[-1]} "
-                             f"(would resize to {h}x{w})")
         if (x.shape[-2], x.shape[-1]) != (h, w):
             x01 = F.interpolate(x01, size=(h, w), mode="bilinear", align_corners=False,
                                 antialias=self.antialias)
         return (x01 - self.mean.to(x01)) / self.std.to(x01)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens + [CLS] with position embeddings, for an input of any size.
+
+        At the ViT's own size (224 x 224) this is timm's path unchanged. Any other size is what DINO's
+        own ``VisionTransformer`` does with it (``interpolate_pos_encoding``): the patch convolution
+        drops the pixels beyond the last whole patch, and the position grid is resampled bicubically
+        to the patch grid (:func:`resample_position_grid`). That is how upstream's ``Resize(224,
+        max_size=480)``, which keeps the aspect ratio, reaches the model with a non-square image.
+        """
+        m = self.model
+        patch = m.patch_embed.patch_size
+        grid = m.patch_embed.grid_size
+        if (x.shape[-2], x.shape[-1]) == (grid[0] * patch[0], grid[1] * patch[1]):
+            return m._pos_embed(m.patch_embed(x))
+        rows, cols = x.shape[-2] // patch[0], x.shape[-1] // patch[1]
+        if rows < 1 or cols < 1:
+            raise ValueError(f"DINO needs at least one {patch[0]}x{patch[1]} patch; got {x.shape[-2]}x{x.shape[-1]}")
+        patches = m.patch_embed.proj(x[..., :rows * patch[0], :cols * patch[1]]).flatten(2).transpose(1, 2)
+        patches = m.patch_embed.norm(patches)
+        tokens = torch.cat([m.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
+        return m.pos_drop(tokens + resample_position_grid(m.pos_embed, rows, cols))
 
     def forward(self, x: torch.Tensor, *, preprocessed: bool = False,
                 return_qkv: bool = False) -> DINOFeatures:
@@ -344,7 +380,7 @@ class DINOExtractor(nn.Module):
         if not preprocessed:
             x = self.preprocess(x)
         m = self.model
-        h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        h = m.norm_pre(m.patch_drop(self.tokens(x)))
         for block in m.blocks[: self.layer]:
             h = block(h)
         captured: list[torch.Tensor] = []
