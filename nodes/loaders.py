@@ -199,7 +199,8 @@ class LoadLPIPS(io.ComfyNode):
 
     @classmethod
     def execute(cls, vgg_name: str) -> io.NodeOutput:
-        model = load_lpips(bridge.resolve_model_file("lpips", vgg_name, "LoadLPIPS vgg_name"), device=bridge.offload_device())
+        path = bridge.resolve_model_file("lpips", vgg_name, "LoadLPIPS vgg_name")
+        model = load_lpips(path, device=bridge.offload_device())
         return io.NodeOutput(bridge.manage(model, model))
 
 
