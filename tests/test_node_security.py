@@ -180,7 +180,7 @@ def _combos(node):
     return [i for i in node.define_schema().inputs if i.io_type == "COMBO"]
 
 
-FOLDER_COMBOS = {"ckpt_name", "dino_name", "vgg_name"}  # file names: checked against the folders, not the list
+FOLDER_COMBOS = {"ckpt_name", "dino_name", "vgg_name", "decoder"}  # file names: checked against the folders, not the list
 
 
 def test_every_combo_input_is_validated_by_its_node(pack):
@@ -213,7 +213,7 @@ def test_every_combo_input_is_validated_by_its_node(pack):
                 node.execute(**{**dict.fromkeys(required), combo.id: "bogus"})
             assert str(err.value) == expected
             checked += 1
-    assert checked >= 5  # dtype x2, contrast_schedule, mode, sampler
+    assert checked >= 6  # dtype x2, contrast_schedule, mode, sampler, criteria
 
 
 def test_fp64_dtype_is_a_clear_error(pack):
