@@ -6,9 +6,11 @@ import torch
 from comfy_api.latest import io
 
 from ..core.blended.pipeline import BlendSpec
+from . import checks
 from .types import BlendType
 
 CATEGORY = "DiffuseIT-Blended/blended diffusion"
+BLEND_MODES = ["official", "next_level", "fixed_noise"]
 
 
 class BackgroundBlend(io.ComfyNode):
@@ -24,7 +26,7 @@ class BackgroundBlend(io.ComfyNode):
                 io.Mask.Input("mask", tooltip="1 (white) = edit, as ComfyUI masks (LoadImage gives 1 where the "
                                               "image is transparent). Any size: resized to the image (nearest). "
                                               "One mask for all images or one per image."),
-                io.Combo.Input("mode", options=["official", "next_level", "fixed_noise"], default="official",
+                io.Combo.Input("mode", options=BLEND_MODES, default="official",
                                tooltip="official: background noised to the step's input level with fresh noise "
                                        "(the paper's code); next_level: to the output's level; fixed_noise: one "
                                        "noise for the whole run."),
@@ -45,8 +47,13 @@ class BackgroundBlend(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mode: str | None = None) -> bool | str:
+        return checks.validation_result("BackgroundBlend", {"mode": mode}, {"mode": BLEND_MODES})
+
+    @classmethod
     def execute(cls, mask, mode="official", enforce_background=True, invert_mask=False, soft_mask=False, dilate=0,
                 crop_margin=0.25, feather=0) -> io.NodeOutput:
+        checks.check_inputs("BackgroundBlend", {"mode": mode}, {"mode": BLEND_MODES})
         with torch.inference_mode(False):  # a clone made outside inference mode can enter autograd
             mask = mask.clone().float()
         spec = BlendSpec(mask, mode=mode, enforce_background=enforce_background,

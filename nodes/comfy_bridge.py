@@ -6,9 +6,12 @@ translation layer over ``core``.
 
 from __future__ import annotations
 
+import ntpath
 import os
+import posixpath
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -40,15 +43,89 @@ def model_files(folder: str) -> list[str]:
         return []
 
 
-def model_path(folder: str, name: str) -> str:
-    """Full path of a file in one of the pack's folders, or a path that explains where it should be."""
+class ModelNameError(ValueError):
+    """A name that cannot be an entry of the node's model folders. Decided from the text alone, so the
+    message never tells anything about the rest of the disk."""
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")  # C:\x and C:x (drive-relative) on Windows
+_DOTS_OR_SPACES = re.compile(r"^[. ]+$")  # '..', '...', '.. ': Windows trims trailing dots/spaces into '..'
+_SHOWN_CHARS = 120
+
+
+def model_name_problem(name: object) -> Optional[str]:
+    """Why ``name`` cannot name an entry inside a model folder, or None when it can. Both separators count
+    (a workflow saved on Windows uses backslashes); nothing on disk is looked at."""
+    if not isinstance(name, str) or not name.strip():
+        return "the name is empty"
+    if "\x00" in name:
+        return "it contains a NUL byte"
+    if _DRIVE.match(name):
+        return "it starts with a drive letter"
+    if name[0] in "/\\" or posixpath.isabs(name) or ntpath.isabs(name):
+        return "it is an absolute path"
+    parts = re.split(r"[\\/]", name)
+    if any(part == ".." for part in parts):
+        return "it has a '..' component"
+    if any(part != "." and _DOTS_OR_SPACES.match(part) for part in parts):
+        return "it has a component made only of dots or spaces"
+    if posixpath.normpath(name.replace("\\", "/")) == ".":
+        return "it names the folder itself"
+    return None
+
+
+def check_model_name(folder: str, name: object, where: str) -> None:
+    """Raise :class:`ModelNameError` naming the input (``where``, e.g. 'LoadDDPM ckpt_name') unless ``name``
+    can be an entry of ``folder``'s registered paths."""
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise _refusal(folder, name, where, problem)
+
+
+def _refusal(folder: str, name: object, where: str, problem: str) -> ModelNameError:
+    shown = repr(name) if len(repr(name)) <= _SHOWN_CHARS else repr(name)[:_SHOWN_CHARS] + "..."
+    return ModelNameError(f"{where}: {shown} is not a file name inside the {folder} model folders ({problem}); "
+                          "choose one of the listed files")
+
+
+def registered_folders(folder: str) -> list[str]:
+    """The folder's paths in ComfyUI's order (models/<folder> and extra_model_paths.yaml entries)."""
     import folder_paths
 
-    full = folder_paths.get_full_path(folder, name)
-    if full is None:  # let core's loader raise its 'missing weights' message with this location
-        paths = folder_paths.get_folder_paths(folder) if folder in folder_paths.folder_names_and_paths else []
-        full = os.path.join(paths[0] if paths else os.path.join(folder_paths.models_dir, folder), name)
-    return full
+    if folder in folder_paths.folder_names_and_paths:
+        return folder_paths.get_folder_paths(folder)
+    return [os.path.join(folder_paths.models_dir, folder)]
+
+
+def model_entries(folder: str, name: str, where: str) -> list[str]:
+    """``name`` joined to each registered path of ``folder``, after :func:`check_model_name`.
+
+    normpath, not realpath: a symlink the user placed inside a model folder keeps working (models linked
+    from other disks), as in ComfyUI's own loaders; only the name itself may not leave the folder."""
+    check_model_name(folder, name, where)
+    relative = os.path.normpath(name)
+    entries = []
+    for base in registered_folders(folder):
+        base = os.path.normpath(base)
+        entry = os.path.normpath(os.path.join(base, relative))
+        if os.path.commonpath([base, entry]) != base:  # the containment guarantee itself, should a rule above miss a form
+            raise _refusal(folder, name, where, "it leaves the folder")
+        entries.append(entry)
+    return entries
+
+
+def resolve_model_file(folder: str, name: str, where: str) -> str:
+    """Path of the file ``name`` in the first of ``folder``'s registered paths that has it. A legal name
+    that is in none of them gives its place in the first folder, so core's loader raises its 'missing
+    weights: put it in models/<folder>, download from URL' message."""
+    entries = model_entries(folder, name, where)
+    return next((entry for entry in entries if os.path.isfile(entry)), entries[0])
+
+
+def resolve_model_dir(folder: str, name: str, where: str, marker: str) -> Optional[str]:
+    """The sub-folder ``name`` of ``folder``'s registered paths that holds the file ``marker``, or None."""
+    return next((entry for entry in model_entries(folder, name, where)
+                 if os.path.isfile(os.path.join(entry, marker))), None)
 
 
 def torch_device() -> torch.device:

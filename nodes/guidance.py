@@ -14,9 +14,11 @@ from ..core.diffuseit.clip_direction import CLIPDirectionalLoss
 from ..core.io import to_model
 from ..core.diffuseit.dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 from ..core.diffusion.range import RangeLoss
+from . import checks
 from .types import CLIPType, DINOType, GuidanceType, LPIPSType, chain
 
 CATEGORY = "DiffuseIT-Blended/guidance"
+CONTRAST_SCHEDULES = ["constant", "regularize_content", "prog_contrast"]
 
 
 def _guidance_in() -> io.Input:
@@ -43,7 +45,7 @@ class DINOStructureLossNode(io.ComfyNode):
                 DINOType.Input("dino", tooltip="DINO ViT from Load DINO ViT."),
                 _weight("lambda_ssim", 1000.0, "Weight of the key self-similarity loss (official 1000)."),
                 _weight("lambda_contra", 200.0, "Weight of the contrastive patch loss (official 200)."),
-                io.Combo.Input("contrast_schedule", options=["constant", "regularize_content", "prog_contrast"],
+                io.Combo.Input("contrast_schedule", options=CONTRAST_SCHEDULES,
                                default="constant",
                                tooltip="Text mode's contrastive weight schedule from the previous CLIP loss: "
                                        "regularize_content doubles it once the CLIP loss < -0.5 (official text "
@@ -57,8 +59,15 @@ class DINOStructureLossNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, contrast_schedule: str | None = None) -> bool | str:
+        return checks.validation_result("DINOStructureLoss", {"contrast_schedule": contrast_schedule},
+                                        {"contrast_schedule": CONTRAST_SCHEDULES})
+
+    @classmethod
     def execute(cls, dino, lambda_ssim=1000.0, lambda_contra=200.0, contrast_schedule="constant", noise_mix=True,
                 guidance=None) -> io.NodeOutput:
+        checks.check_inputs("DINOStructureLoss", {"contrast_schedule": contrast_schedule},
+                            {"contrast_schedule": CONTRAST_SCHEDULES})
         term = DINOStructureLoss(dino.value, lambda_ssim, lambda_contra, noise_mix=noise_mix,
                                  regularize_content=contrast_schedule == "regularize_content",
                                  use_prog_contrast=contrast_schedule == "prog_contrast")

@@ -8,14 +8,17 @@ import torch
 from comfy_api.latest import io
 
 from ..core.diffusion.checkpoints import load_ddpm, parse_flags
-from ..core.encoders.clip import ClipEnsemble, expected_file, load_clip, resolve_architecture
+from ..core.encoders.clip import ClipEnsemble, architecture_name, expected_file, load_clip
 from ..core.encoders.dino import load_dino_extractor
 from ..core.encoders.lpips import VGG16_FILE, load_lpips
-from . import comfy_bridge as bridge
+from . import checks, comfy_bridge as bridge
 from .types import CLIPType, DDPMType, DINOType, LPIPSType
 
 CATEGORY = "DiffuseIT-Blended/loaders"
 DEFAULT_CLIP_ENSEMBLE = "RN50, RN50x4, ViT-B-32, RN50x16, ViT-B-16"
+DDPM_DTYPES = ["auto", "fp32", "fp16", "bf16"]
+CLIP_DTYPES = ["auto", "fp32", "fp16"]
+CLIP_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 class LoadDDPM(io.ComfyNode):
@@ -31,7 +34,7 @@ class LoadDDPM(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=bridge.model_files("guided_diffusion"),
                                tooltip="Checkpoint in models/guided_diffusion. DiffuseIT and Blended Diffusion "
                                        "use 256x256_diffusion_uncond.pt (see the README's model table)."),
-                io.Combo.Input("dtype", options=["auto", "fp32", "fp16", "bf16"], default="auto",
+                io.Combo.Input("dtype", options=DDPM_DTYPES, default="auto",
                                tooltip="Precision of the UNet body. 'auto' follows ComfyUI's device and "
                                        "--fp16-unet/--bf16-unet/--force-fp32 flags; norms and embeddings stay fp32."),
                 io.String.Input("overrides", default="", optional=True,
@@ -54,9 +57,15 @@ class LoadDDPM(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ckpt_name: str | None = None, dtype: str | None = None) -> bool | str:
+        return checks.validation_result("LoadDDPM", {"ckpt_name": ckpt_name, "dtype": dtype}, {"dtype": DDPM_DTYPES},
+                                        {"ckpt_name": "guided_diffusion"})
+
+    @classmethod
     def execute(cls, ckpt_name: str, dtype: str = "auto", overrides: str = "",
                 gradient_checkpointing: bool = False) -> io.NodeOutput:
-        path = bridge.model_path("guided_diffusion", ckpt_name)
+        checks.check_inputs("LoadDDPM", {"dtype": dtype}, {"dtype": DDPM_DTYPES})
+        path = bridge.resolve_model_file("guided_diffusion", ckpt_name, "LoadDDPM ckpt_name")
         ddpm = load_ddpm(path, device=bridge.offload_device(), **parse_flags(overrides))
         chosen = bridge.pick_unet_dtype(dtype, bridge.torch_device(), sum(p.numel() for p in ddpm.unet.parameters()))
         if chosen != torch.float32:
@@ -89,8 +98,12 @@ class LoadDINO(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, dino_name: str | None = None) -> bool | str:
+        return checks.validation_result("LoadDINO", {"dino_name": dino_name}, model_names={"dino_name": "dino"})
+
+    @classmethod
     def execute(cls, dino_name: str, antialias: bool = False, num_heads: int = 0) -> io.NodeOutput:
-        path = bridge.model_path("dino", dino_name)
+        path = bridge.resolve_model_file("dino", dino_name, "LoadDINO dino_name")
         extractor = load_dino_extractor(path, num_heads=num_heads or None, antialias=antialias,
                                         device=bridge.offload_device())
         return io.NodeOutput(bridge.manage(extractor, extractor))
@@ -112,7 +125,7 @@ class LoadCLIPGuidance(io.ComfyNode):
                                         "architecture (.pt/.bin/.safetensors). DiffuseIT: RN50, RN50x4, ViT-B-32, "
                                         "RN50x16, ViT-B-16 (ViT-B-32 alone saves memory); Blended: ViT-B-16. A "
                                         "sub-folder with open_clip_config.json + weights loads a custom model."),
-                io.Combo.Input("dtype", options=["auto", "fp32", "fp16"], default="auto",
+                io.Combo.Input("dtype", options=CLIP_DTYPES, default="auto",
                                tooltip="'auto': fp16 on CUDA as the official code runs CLIP (unless ComfyUI says "
                                        "fp16 is unsuitable, e.g. --force-fp32), fp32 elsewhere."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
@@ -125,26 +138,39 @@ class LoadCLIPGuidance(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, models: str | None = None, dtype: str | None = None) -> bool | str:
+        problem = checks.validation_result("LoadCLIPGuidance", {"dtype": dtype}, {"dtype": CLIP_DTYPES})
+        for name in _clip_names(models or ""):
+            if problem is True:
+                problem = checks.validation_result("LoadCLIPGuidance", {"models": name},
+                                                   model_names={"models": "clip_guidance"})
+        return problem
+
+    @classmethod
     def execute(cls, models: str, dtype: str = "auto", gradient_checkpointing: bool = False) -> io.NodeOutput:
-        names = [n.strip() for n in models.split(",") if n.strip()]
+        checks.check_inputs("LoadCLIPGuidance", {"dtype": dtype}, {"dtype": CLIP_DTYPES})
+        names = _clip_names(models)
         if not names:
             raise ValueError("models is empty: name at least one CLIP architecture, e.g. ViT-B-16")
+        for name in names:  # every name is checked before anything loads
+            bridge.check_model_name("clip_guidance", name, "LoadCLIPGuidance models")
         device = bridge.torch_device()
         half = dtype == "fp16" or (dtype == "auto" and device.type == "cuda" and bridge.half_precision_ok(device))
         torch_dtype = torch.float16 if half else torch.float32
         loaded = []
         for name in names:  # load_clip builds outside inference mode itself
-            folder = bridge.model_path("clip_guidance", name)
-            if os.path.isfile(os.path.join(folder, "open_clip_config.json")):  # a custom open_clip model folder
-                weights = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
+            folder = bridge.resolve_model_dir("clip_guidance", name, "LoadCLIPGuidance models", "open_clip_config.json")
+            if folder is not None:  # a custom open_clip model folder
+                weights = sorted(f for f in os.listdir(folder) if f.endswith(CLIP_WEIGHT_SUFFIXES))
                 if not weights:
-                    raise FileNotFoundError(f"CLIP folder {folder!r} has open_clip_config.json but no weights file")
+                    raise FileNotFoundError(f"CLIP folder {name!r} in clip_guidance has open_clip_config.json but no "
+                                            f"weights file ({', '.join(CLIP_WEIGHT_SUFFIXES)})")
                 loaded.append(load_clip(f"local-dir:{folder}", pretrained=weights[0], models_dir=folder,
                                         device=bridge.offload_device(), dtype=torch_dtype))
                 continue
-            arch = resolve_architecture(name)
+            arch = architecture_name(name)  # never a folder relative to ComfyUI's working directory
             file_name, _ = expected_file(arch, "openai")
-            path = bridge.model_path("clip_guidance", file_name)
+            path = bridge.resolve_model_file("clip_guidance", file_name, "LoadCLIPGuidance models")
             loaded.append(load_clip(arch, pretrained="openai", models_dir=os.path.dirname(path),
                                     device=bridge.offload_device(), dtype=torch_dtype))
         for model in loaded:
@@ -168,6 +194,15 @@ class LoadLPIPS(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, vgg_name: str | None = None) -> bool | str:
+        return checks.validation_result("LoadLPIPS", {"vgg_name": vgg_name}, model_names={"vgg_name": "lpips"})
+
+    @classmethod
     def execute(cls, vgg_name: str) -> io.NodeOutput:
-        model = load_lpips(bridge.model_path("lpips", vgg_name), device=bridge.offload_device())
+        path = bridge.resolve_model_file("lpips", vgg_name, "LoadLPIPS vgg_name")
+        model = load_lpips(path, device=bridge.offload_device())
         return io.NodeOutput(bridge.manage(model, model))
+
+
+def _clip_names(models: str) -> list[str]:
+    return [n.strip() for n in models.split(",") if n.strip()]

@@ -17,7 +17,7 @@ from ..core.encoders.taesd import load_taesd_decoder
 from ..core.io import to_model
 from ..core.latent.model_guidance import DenoiserCall, LatentGuidanceError, LatentGuide
 from ..core.latent.x0_guidance import GuidanceBand
-from . import comfy_bridge as bridge
+from . import checks, comfy_bridge as bridge
 from .types import GuidanceType
 
 CATEGORY = "DiffuseIT-Blended/sampling"
@@ -79,8 +79,15 @@ class ApplyGuidanceToModel(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, decoder: str | None = None) -> bool | str:
+        # 'vae (wired VAE)' is a legal name too; any other value must be a file in the vae_approx folders
+        return checks.validation_result("ApplyGuidanceToModel", {"decoder": decoder},
+                                        model_names={"decoder": "vae_approx"})
+
+    @classmethod
     def execute(cls, model, guidance, image=None, vae=None, decoder=USE_VAE, mask=None, strength=0.3,
                 start_percent=0.0, end_percent=0.8, every_n_steps=1, augment_seed=0) -> io.NodeOutput:
+        checks.check_inputs("ApplyGuidanceToModel", {"decoder": decoder}, model_names={"decoder": "vae_approx"})
         band = GuidanceBand(start_percent, end_percent, every_n_steps)
         latent_format = bridge.latent_format(model)
         decode, decoder_module, decoder_patcher = _decoder(decoder, vae, latent_format)
@@ -121,7 +128,7 @@ def _decoder(choice: str, vae, latent_format):
     if prefix is not None and family is not None and prefix != family:
         raise ValueError(f"Apply Guidance to Model: decoder {choice} is for another model family than this model "
                          f"({type(latent_format).__name__}, whose TAESD is {family}.*)")
-    module = load_taesd_decoder(bridge.model_path("vae_approx", choice))
+    module = load_taesd_decoder(bridge.resolve_model_file("vae_approx", choice, "ApplyGuidanceToModel decoder"))
     if module.latent_channels != channels:
         raise ValueError(f"Apply Guidance to Model: decoder {choice} takes {module.latent_channels}-channel latents "
                          f"but the model ({type(latent_format).__name__}) makes {channels}-channel latents")

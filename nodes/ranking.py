@@ -20,7 +20,7 @@ from ..core.blended import BlendSpec, ranking_crops
 from ..core.blended.rank_criteria import COMPONENTS, CRITERIA_PRESETS, IMPROVED_CRITERIA, RankingCriteria
 from ..core.blended.ranking import rank_results
 from ..core.io import to_model
-from . import comfy_bridge as bridge
+from . import checks, comfy_bridge as bridge
 from .types import BlendType, CLIPType
 
 CATEGORY = "DiffuseIT-Blended/blended diffusion"
@@ -107,10 +107,15 @@ class CLIPRank(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, criteria: str | None = None) -> bool | str:
+        return checks.validation_result("CLIPRank", {"criteria": criteria}, {"criteria": list(CRITERIA_PRESETS)})
+
+    @classmethod
     def execute(cls, images, clip, prompt, top_k=1, faithful=False, mask=None, crop_size=256, crop_margin=0.25,
                 blend=None, criteria="paper", weight_masked_prompt=IMPROVED_CRITERIA.masked_prompt,
                 weight_whole_image=IMPROVED_CRITERIA.whole_image_prompt, weight_typography=IMPROVED_CRITERIA.typography,
                 weight_seam=IMPROVED_CRITERIA.seam, seam_width=0) -> io.NodeOutput:
+        checks.check_inputs("CLIPRank", {"criteria": criteria}, {"criteria": list(CRITERIA_PRESETS)})
         if not prompt or not prompt.strip():
             raise ValueError("CLIP Rank: prompt is empty")
         weights = ranking_criteria(criteria, dict(masked_prompt=weight_masked_prompt,

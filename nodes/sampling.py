@@ -10,10 +10,11 @@ from ..core.diffusion.guided_loop import GuidedSamplerOptions
 from ..core.diffusion.batching import planned_steps, sample_many
 from ..core.diffusion.range import RESTART_THRESHOLD
 from ..core.io import from_model, resize_for_model, resize_to, to_model
-from . import comfy_bridge as bridge
+from . import checks, comfy_bridge as bridge
 from .types import BlendType, DDPMType, GuidanceType
 
 CATEGORY = "DiffuseIT-Blended/sampling"
+SAMPLERS = ["ddpm", "ddim"]
 
 
 class GuidedSampler(io.ComfyNode):
@@ -45,7 +46,7 @@ class GuidedSampler(io.ComfyNode):
                 io.Int.Input("resample_steps", default=10, min=1, max=100,
                              tooltip="DiffuseIT's resampling start: the first guided step is repeated this many times with "
                                      "re-noising (10 upstream). 1 turns it off (Blended Diffusion)."),
-                io.Combo.Input("sampler", options=["ddpm", "ddim"], default="ddpm",
+                io.Combo.Input("sampler", options=SAMPLERS, default="ddpm",
                                tooltip="DDPM: guidance shifts the mean by the step variance (both papers). DDIM: score "
                                        "correction, deterministic (eta 0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -77,9 +78,14 @@ class GuidedSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler: str | None = None) -> bool | str:
+        return checks.validation_result("GuidedSampler", {"sampler": sampler}, {"sampler": SAMPLERS})
+
+    @classmethod
     def execute(cls, ddpm, image, guidance=None, blend=None, respacing="100", skip_timesteps=40, resample_steps=10,
                 sampler="ddpm", seed=0, samples=1, chunk_size=0, range_restart=False, max_restarts=3,
                 keep_aspect=True, upscale_to_source=False) -> io.NodeOutput:
+        checks.check_inputs("GuidedSampler", {"sampler": sampler}, {"sampler": SAMPLERS})
         core_ddpm = ddpm.value
         models = [ddpm] + list(guidance.models if guidance is not None else ())
         bridge.load_to_device(models)

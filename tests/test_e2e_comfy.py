@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 
 import pytest
@@ -26,7 +27,7 @@ import pytest
 from conftest import FIXTURES, ROOT
 from e2e import comfy_env
 from e2e.prompts import prepared
-from e2e.server import ComfyServer, ServerError
+from e2e.server import ComfyServer, PromptRejected, ServerError
 from e2e.ui_to_api import convert
 
 pytestmark = pytest.mark.e2e
@@ -300,6 +301,95 @@ def test_soak_memory_stays_flat(server):
     limit = max(SOAK_GROWTH_MB, SOAK_GROWTH_FRACTION * baseline)
     assert last - baseline <= limit, (f"server RSS grew {last - baseline:.0f} MB from run {SOAK_BASELINE_RUN} to run "
                                       f"{SOAK_RUNS} (limit {limit:.0f} MB):\n{table}")
+
+
+# ------------------------------------------------------------------------------------------ security
+
+BAD_NAME_FORMS = ["../", "absolute", "..\\", "NUL"]
+
+
+def with_input(prompt: dict, class_type: str, **inputs) -> dict:
+    for node in prompt.values():
+        if node["class_type"] == class_type:
+            node["inputs"].update(inputs)
+    return prompt
+
+
+def refusal_details(server: ComfyServer, prompt: dict) -> list[str]:
+    """The node errors' details of a prompt that POST /prompt refuses (nothing runs)."""
+    with pytest.raises(PromptRejected) as err:
+        server.submit(prompt)
+    body = err.value.details
+    return [e.get("details", "") for info in (body.get("node_errors") or {}).values() for e in info.get("errors", [])]
+
+
+@pytest.fixture(scope="module")
+def other_disk(server, tmp_path_factory):
+    """Copies of the tiny DDPM and CLIP folder outside every registered model folder (what a bad name would open)."""
+    from core.tiny_models import CLIP_FOLDER, DDPM_FILE
+
+    root = tmp_path_factory.mktemp("other_disk")
+    shutil.copy(server.models_dir / "guided_diffusion" / DDPM_FILE, root / DDPM_FILE)
+    shutil.copytree(server.models_dir / "clip_guidance" / CLIP_FOLDER, root / CLIP_FOLDER)
+    return root
+
+
+def bad_name(form: str, target, folder) -> str:
+    up = os.path.relpath(target, folder)
+    return {"../": up, "absolute": str(target), "..\\": up.replace("/", "\\"),
+            "NUL": "256x256_diffusion_uncond.pt\x00" + up}[form]
+
+
+@pytest.mark.parametrize("form", BAD_NAME_FORMS)
+def test_names_outside_the_model_folders_are_refused_over_the_api(server, other_disk, form):
+    """A workflow naming a real checkpoint outside the model folders is refused at POST /prompt, with a message
+    that names the input and tells nothing about the disk (the same for a target that does not exist)."""
+    from core.tiny_models import CLIP_FOLDER, DDPM_FILE
+
+    folder = server.models_dir / "guided_diffusion"
+    answers = []
+    for target in (other_disk / DDPM_FILE, other_disk / "missing.pt"):
+        name = bad_name(form, target, folder)
+        assert form == "absolute" or (folder / name.replace("\\", "/").split("\x00")[-1]).resolve() == target.resolve()
+        details = refusal_details(server, with_input(prepared(server, DDPM_WORKFLOW), "LoadDDPM", ckpt_name=name))
+        assert details and all(f"LoadDDPM ckpt_name: {name!r} is not a file name inside the guided_diffusion model "
+                               "folders (" in d for d in details), details
+        for d in details:
+            rest = d.replace(repr(name), "")
+            assert "/" not in rest and "exist" not in d.lower() and "not found" not in d.lower(), d
+        answers.append([d.replace(repr(name), "<name>") for d in details])
+    assert answers[0] == answers[1]
+    # Load CLIP's free-text list: a real open_clip folder outside is refused the same way
+    clip = bad_name(form, other_disk / CLIP_FOLDER, server.models_dir / "clip_guidance")
+    prompt = with_input(prepared(server, DIFFUSEIT_WORKFLOW), "LoadCLIPGuidance", models=f"{CLIP_FOLDER}, {clip}")
+    details = refusal_details(server, prompt)
+    assert details and all(f"LoadCLIPGuidance models: {clip!r} is not a file name inside the clip_guidance" in d
+                           for d in details), details
+    assert server.alive()
+
+
+def test_bad_choices_are_refused_over_the_api(server):
+    """ComfyUI v0.3.75 does not check V3 combo values; the nodes do, before anything runs."""
+    prompt = with_input(prepared(server, DDPM_WORKFLOW), "LoadDDPM", dtype="fp64")
+    details = refusal_details(server, prompt)
+    assert details and all("LoadDDPM dtype: 'fp64' is not one of auto, fp32, fp16, bf16" in d for d in details), details
+    prompt = with_input(prepared(server, DDPM_WORKFLOW), "GuidedSampler", sampler="euler")
+    assert any("GuidedSampler sampler: 'euler' is not one of ddpm, ddim" in d for d in refusal_details(server, prompt))
+
+
+def test_symlinked_checkpoint_in_an_extra_model_path_loads(server, other_disk):
+    """A checkpoint linked into a model folder from another disk loads; the folder is the one
+    extra_model_paths.yaml registered (not ComfyUI's own models/), and it is the only one holding the name."""
+    from core.tiny_models import DDPM_FILE
+
+    assert server.base not in server.models_dir.parents, "the test's models folder must come from extra_model_paths.yaml"
+    linked = server.models_dir / "guided_diffusion" / "linked" / DDPM_FILE
+    linked.parent.mkdir(exist_ok=True)
+    linked.symlink_to(other_disk / DDPM_FILE)
+    assert not (server.base / "models" / "guided_diffusion" / "linked").exists()
+    prompt = with_input(prepared(server, DDPM_WORKFLOW, image_name="symlink_source.png", seed=21), "LoadDDPM",
+                        ckpt_name=f"linked/{DDPM_FILE}")
+    assert server.images(run_ok(server, prompt))
 
 
 def test_latent_blended_edit_keeps_every_pixel_outside_the_mask(server):

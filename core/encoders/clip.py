@@ -25,7 +25,8 @@ from .clip_weights import OPENAI_ARCHIVE_METADATA, ClipLoadError, PathLike, read
 
 __all__ = ["ClipModel", "ClipEnsemble", "ClipLoadError", "MissingClipWeightsError", "MODEL_FOLDER",
            "OPENAI_ARCHIVE_METADATA", "load_clip", "load_clip_ensemble", "read_clip_weights",
-           "read_torchscript_weights", "resolve_architecture", "expected_file", "tiny_open_clip_config"]
+           "read_torchscript_weights", "resolve_architecture", "architecture_name", "expected_file",
+           "tiny_open_clip_config"]
 
 MODEL_FOLDER = "models/clip_guidance"  # the pack's folder for CLIP weights, named in error messages
 
@@ -130,26 +131,33 @@ class ClipEnsemble(tuple):
 def resolve_architecture(name: str) -> str:
     """open_clip model name for ``name``: a built-in architecture ('ViT-B-16'; OpenAI's 'ViT-B/16'
     spelling too) or a folder with an ``open_clip_config.json`` (returned as 'local-dir:<path>')."""
-    oc = _open_clip()
     if name.startswith("local-dir:"):
         name = name[len("local-dir:"):]
     elif not os.path.isdir(name):
-        cleaned = name.replace("/", "-")
-        if cleaned in oc.list_models():
-            return cleaned
-        by_file = {Path(oc.get_pretrained_url(m, "openai")).stem: m for m in oc.list_openai_models()
-                   if not m.endswith("-quickgelu")}
-        if cleaned in by_file:  # OpenAI file stems, e.g. 'ViT-L-14-336px'
-            return by_file[cleaned]
-        close = difflib.get_close_matches(cleaned, oc.list_models(), n=5)
-        raise ClipLoadError(f"unknown CLIP architecture {name!r}. "
-                            + (f"Did you mean {', '.join(close)}? " if close else "")
-                            + f"OpenAI's models: {', '.join(oc.list_openai_models())}; "
-                            "all open_clip names: open_clip.list_models().")
+        return architecture_name(name)
     if not os.path.isfile(os.path.join(name, "open_clip_config.json")):
         raise ClipLoadError(f"{name!r} is a folder without open_clip_config.json; pass an open_clip architecture "
                             "name (e.g. 'ViT-B-16') or a folder holding open_clip_config.json")
     return "local-dir:" + os.path.abspath(name)
+
+
+def architecture_name(name: str) -> str:
+    """The built-in open_clip architecture ``name`` means ('ViT-B-16', OpenAI's 'ViT-B/16' spelling, or an
+    OpenAI file stem), from the name alone: unlike :func:`resolve_architecture` it never looks for a folder
+    of that name (the ComfyUI node must not load folders relative to the server's working directory)."""
+    oc = _open_clip()
+    cleaned = name.replace("/", "-")
+    if cleaned in oc.list_models():
+        return cleaned
+    by_file = {Path(oc.get_pretrained_url(m, "openai")).stem: m for m in oc.list_openai_models()
+               if not m.endswith("-quickgelu")}
+    if cleaned in by_file:  # OpenAI file stems, e.g. 'ViT-L-14-336px'
+        return by_file[cleaned]
+    close = difflib.get_close_matches(cleaned, oc.list_models(), n=5)
+    raise ClipLoadError(f"unknown CLIP architecture {name!r}. "
+                        + (f"Did you mean {', '.join(close)}? " if close else "")
+                        + f"OpenAI's models: {', '.join(oc.list_openai_models())}; "
+                        "all open_clip names: open_clip.list_models().")
 
 
 def expected_file(arch: str, tag: str) -> tuple[str, str]:
