@@ -422,7 +422,7 @@ class ComfyServer:
         """Follow one prompt over /ws until it succeeds, fails or is interrupted."""
         t0 = time.monotonic()
         result = RunResult(prompt_id=prompt_id, status="", seconds=0.0)
-        last_poll = t0
+        last_poll, done_at = t0, None
         while not result.status:
             if time.monotonic() - t0 > timeout:
                 self.interrupt()
@@ -439,7 +439,11 @@ class ComfyServer:
                 last_poll = time.monotonic()
                 entry = self.history(prompt_id)
                 if entry and (entry.get("status") or {}).get("completed") is not None:
-                    result.status = "success" if entry["status"].get("status_str") == "success" else "error"
+                    # history can say "done" before /ws has delivered the run's last events: keep reading
+                    # until the terminal event, and fall back to history only when /ws stays silent
+                    done_at = done_at or time.monotonic()
+                    if message is None and time.monotonic() - done_at > 10:
+                        result.status = "success" if entry["status"].get("status_str") == "success" else "error"
         result.seconds = time.monotonic() - t0
         for _ in range(40):
             entry = self.history(prompt_id)
