@@ -12,12 +12,15 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from .devices import check_device
 from .diffusion.checkpoints import PRESETS, download_url, load_ddpm, parse_flags
-from .io import load_image, load_image_pil, save_image
+from .diffusion.finite_watch import GuidanceError
+from .diffusion.schedule import space_timesteps
+from .io import load_image, load_image_pil, read_image_file, save_image
 from .diffusion.sampling import sample
 
 MODELS = "models"
@@ -115,6 +118,19 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_inputs(args: argparse.Namespace) -> str:
+    """Every setting that can be checked without a model, checked before any model is loaded: the device,
+    the overrides' syntax and the respacing (for the overrides' diffusion_steps, guided-diffusion's 1000
+    otherwise: no preset changes it). Returns the device to run on."""
+    device = str(check_device(args.device, "--device")) if args.device else default_device()
+    flags = parse_flags(args.overrides)
+    if getattr(args, "respacing", None):
+        steps = flags.get("diffusion_steps", 1000)
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 2:  # else load_ddpm names it
+            space_timesteps(steps, args.respacing)
+    return device
+
+
 def _ddpm(args: argparse.Namespace, device: str):
     ckpt = args.ckpt or os.path.join(args.models, "guided_diffusion", DDPM_FILE)
     ddpm = load_ddpm(ckpt, dtype=args.dtype, device=device, **parse_flags(args.overrides))
@@ -123,7 +139,7 @@ def _ddpm(args: argparse.Namespace, device: str):
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    device = args.device or default_device()
+    device = _checked_inputs(args)
     ddpm = _ddpm(args, device)
     schedule = ddpm.schedule(args.respacing)
     shape = (args.batch, 3, ddpm.image_size, ddpm.image_size)
@@ -161,7 +177,7 @@ def _clip_models(args: argparse.Namespace, names: Sequence[str], device: str):
     return ClipEnsemble(loaded)
 
 
-def _diffuseit_source(path: str, ddpm, args: argparse.Namespace) -> torch.Tensor:
+def _diffuseit_source(path: Any, ddpm, args: argparse.Namespace) -> torch.Tensor:
     """Upstream's exact square LANCZOS load by default; at the file's own size when --keep-aspect or
     --upscale-to-source is given (the pipeline then resizes it, and knows the size to return)."""
     if args.keep_aspect or args.upscale_to_source:
@@ -172,9 +188,10 @@ def _diffuseit_source(path: str, ddpm, args: argparse.Namespace) -> torch.Tensor
 def cmd_diffuseit_text(args: argparse.Namespace) -> int:
     from .diffuseit.pipeline import diffuseit_text
 
-    device = args.device or default_device()
+    device = _checked_inputs(args)
+    source_file = read_image_file(args.image, "--image")
     ddpm = _ddpm(args, device)
-    source = _diffuseit_source(args.image, ddpm, args).to(device)
+    source = _diffuseit_source(source_file, ddpm, args).to(device)
     clip = _clip_models(args, [m.strip() for m in args.clip_models.split(",") if m.strip()], device)
     result = diffuseit_text(ddpm, _dino(args, device), clip, source, args.source_text, args.target_text,
                             samples=args.samples, seed=args.seed, chunk_size=args.chunk_size,
@@ -188,10 +205,11 @@ def cmd_diffuseit_text(args: argparse.Namespace) -> int:
 def cmd_diffuseit_image(args: argparse.Namespace) -> int:
     from .diffuseit.pipeline import diffuseit_image
 
-    device = args.device or default_device()
+    device = _checked_inputs(args)
+    source_file, style_file = read_image_file(args.image, "--image"), read_image_file(args.style, "--style")
     ddpm = _ddpm(args, device)
-    source = _diffuseit_source(args.image, ddpm, args).to(device)
-    style = _diffuseit_source(args.style, ddpm, args).to(device)
+    source = _diffuseit_source(source_file, ddpm, args).to(device)
+    style = _diffuseit_source(style_file, ddpm, args).to(device)
     result = diffuseit_image(ddpm, _dino(args, device), source, style, samples=args.samples, seed=args.seed,
                              chunk_size=args.chunk_size, keep_aspect=args.keep_aspect,
                              upscale_to_source=args.upscale_to_source, callback=tqdm_callback("DiffuseIT"),
@@ -204,12 +222,13 @@ def cmd_diffuseit_image(args: argparse.Namespace) -> int:
 def cmd_blended(args: argparse.Namespace) -> int:
     from .blended import blended_edit
     from .blended.rank_criteria import CRITERIA_PRESETS
-    from .io import load_mask_file
+    from .io import mask_from_pil
 
-    device = args.device or default_device()
+    device = _checked_inputs(args)
+    image = load_image(read_image_file(args.image, "--image"))
+    mask = mask_from_pil(read_image_file(args.mask, "--mask"))  # upstream's rule: the red channel, non-zero = edit
     ddpm = _ddpm(args, device)
-    image = load_image(args.image).to(device)
-    mask = load_mask_file(args.mask)  # upstream's rule: the red channel, any non-zero value = edit
+    image = image.to(device)
     clip = _clip_models(args, [args.clip_model], device)[0]
     result = blended_edit(ddpm, clip, image, mask, args.prompt, samples=args.samples, seed=args.seed,
                           skip_timesteps=args.skip_timesteps, respacing=args.respacing, chunk_size=args.chunk_size,
@@ -347,6 +366,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, DownloadError) as exc:  # say what and how to fix it, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except GuidanceError as exc:  # a run that went NaN: the message names the step, term or model
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

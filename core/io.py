@@ -8,12 +8,13 @@ preprocessing byte for byte (LANCZOS / NEAREST to a square; Blended Diffusion sp
 from __future__ import annotations
 
 import os
-
+import re
+import warnings
 from typing import Literal, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 ImageSource = Union[str, os.PathLike, Image.Image]
 
@@ -72,11 +73,10 @@ def pil_to_float(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def load_image(path: str) -> torch.Tensor:
-    """Read any PIL-readable file as [1,3,H,W] in [-1,1] (alpha dropped, grayscale expanded, 16-bit scaled:
-    ``I;16*`` / ``I`` values 0..65535 map to 0..1, see :func:`pil_to_float`)."""
-    with Image.open(path) as im:
-        rgb = pil_to_float(im)
+def load_image(path: ImageSource) -> torch.Tensor:
+    """Read any PIL-readable file (or a PIL image) as [1,3,H,W] in [-1,1] (alpha dropped, grayscale expanded,
+    16-bit scaled: ``I;16*`` / ``I`` values 0..65535 map to 0..1, see :func:`pil_to_float`)."""
+    rgb = pil_to_float(_open_pil(path))
     return to_model(torch.from_numpy(np.ascontiguousarray(rgb))[None])
 
 
@@ -167,12 +167,46 @@ def to_uint8(x: torch.Tensor, rounding: Literal["truncate", "round"] = "truncate
     return v.to(torch.uint8)
 
 
-def _open_pil(image: ImageSource) -> Image.Image:
+class ImageFileError(ValueError):
+    """An image or mask file that cannot be used: missing, a directory, not an image, truncated or too large."""
+
+
+def read_image_file(path: Union[str, os.PathLike], what: str = "image") -> Image.Image:
+    """Open and fully decode an image file, or raise :class:`ImageFileError` naming it and what was wrong.
+
+    Decoding happens here, so a truncated or corrupt file fails now (before any model work), not
+    later. Images with more pixels than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``,
+    89,478,485 by default; Pillow itself only warns up to twice that) are refused from their header,
+    before their pixels are decoded.
+    """
+    where = os.fspath(path)
+    if os.path.isdir(where):
+        raise ImageFileError(f"{what} {where!r} is a directory; expected an image file (PNG, JPEG, WebP, ...)")
+    if not os.path.exists(where):
+        raise ImageFileError(f"{what} {where!r} does not exist; expected an image file (PNG, JPEG, WebP, ...)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(where) as im:
+                im.load()
+                return im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "its size"
+        raise ImageFileError(f"{what} {where!r} is refused: {pixels} is more than the limit of "
+                             f"{Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's decompression-bomb guard); scale it down "
+                             "first") from None
+    except UnidentifiedImageError:
+        raise ImageFileError(f"{what} {where!r} is not an image Pillow can read (a corrupt file, or another kind of "
+                             "file); expected PNG, JPEG, WebP, BMP, TIFF, ...") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated data, broken chunks, bad headers
+        raise ImageFileError(f"{what} {where!r} could not be decoded (truncated or corrupt?): {exc}") from None
+
+
+def _open_pil(image: ImageSource, what: str = "image") -> Image.Image:
     if isinstance(image, Image.Image):
         return image
-    with Image.open(image) as im:
-        im.load()
-        return im.copy()
+    return read_image_file(image, what)
 
 
 def load_image_pil(image: ImageSource, size: int = 256) -> torch.Tensor:
@@ -191,7 +225,7 @@ def load_mask_pil(mask: ImageSource, size: int = 256, invert: bool = False) -> t
     counts), binarised to 0/255, ``255 - v`` when inverted, then only the red channel. An all-zero
     result is returned as is (upstream does not reject it; see :func:`core.blended.masks.check_mask`).
     """
-    rgb = pil_to_rgb8(_open_pil(mask))
+    rgb = pil_to_rgb8(_open_pil(mask, "mask"))
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.NEAREST)
     values = (np.array(rgb, dtype=np.uint8) > 0.5).astype(np.uint8) * 255
@@ -208,7 +242,7 @@ def mask_from_pil(mask: ImageSource) -> torch.Tensor:
     inversion and resizing to the image are :func:`core.blended.masks.prepare_mask`'s. The CLI's
     ``--mask`` and :func:`load_mask_pil` both read masks by this rule.
     """
-    red = np.array(pil_to_rgb8(_open_pil(mask)), dtype=np.uint8)[..., 0]
+    red = np.array(pil_to_rgb8(_open_pil(mask, "mask")), dtype=np.uint8)[..., 0]
     return torch.from_numpy(red.astype(np.float32) / 255.0)[None, None]
 
 

@@ -87,13 +87,14 @@ class GuidedSampler(io.ComfyNode):
                 keep_aspect=True, upscale_to_source=False) -> io.NodeOutput:
         checks.check_inputs("GuidedSampler", {"sampler": sampler}, {"sampler": SAMPLERS})
         core_ddpm = ddpm.value
-        models = [ddpm] + list(guidance.models if guidance is not None else ())
-        bridge.load_to_device(models)
-        device = core_ddpm.device
+        # the settings are checked (respacing, skip_timesteps, ...) before any model moves to the device
         options = GuidedSamplerOptions(sampler=sampler, skip_timesteps=skip_timesteps, resample_steps=resample_steps,
                                        range_restart_threshold=RESTART_THRESHOLD if range_restart else None, max_restarts=max_restarts)
         schedule = core_ddpm.schedule(respacing)
         per_image = planned_steps(schedule, options, samples, chunk_size)
+        models = [ddpm] + list(guidance.models if guidance is not None else ())
+        bridge.load_to_device(models)
+        device = core_ddpm.device
         progress = bridge.Progress(per_image * image.shape[0] if blend is not None
                                    else planned_steps(schedule, options, samples * image.shape[0], chunk_size))
         terms = guidance.terms if guidance is not None else ()

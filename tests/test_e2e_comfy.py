@@ -413,3 +413,78 @@ def test_latent_blended_edit_keeps_every_pixel_outside_the_mask(server):
     assert out.shape == source.shape
     assert np.array_equal(out[~edit], source[~edit]), "pixels outside the mask changed"
     assert not np.array_equal(out[edit], source[edit]), "nothing was edited inside the mask"
+
+
+# ------------------------------------------------------------------------------------------ bad input over the API
+
+def _sampler_graph(ddpm_inputs: dict, sampler_inputs: dict, blend_inputs=None) -> dict:
+    """LoadImage -> GuidedSampler (with a LoadDDPM, optionally a Background Blend) -> PreviewImage, API format."""
+    prompt = {
+        "1": {"class_type": "LoadDDPM", "inputs": dict({"ckpt_name": "256x256_diffusion_uncond.pt", "dtype": "fp32",
+                                                        "overrides": "image_size=64"}, **ddpm_inputs)},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "bad_input_source.png"}},
+        "3": {"class_type": "GuidedSampler", "inputs": dict({"ddpm": ["1", 0], "image": ["2", 0], "respacing": "10",
+                                                             "skip_timesteps": 5, "resample_steps": 1, "sampler": "ddpm",
+                                                             "seed": 0, "samples": 1, "chunk_size": 0,
+                                                             "range_restart": False, "max_restarts": 3},
+                                                            **sampler_inputs)},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+    }
+    if blend_inputs is not None:
+        prompt["5"] = {"class_type": "BackgroundBlend", "inputs": dict({"mask": ["2", 1], "mode": "official",
+                       "enforce_background": True, "invert_mask": False, "soft_mask": False, "dilate": 0,
+                       "crop_margin": 0.25, "feather": 0}, **blend_inputs)}
+        prompt["3"]["inputs"]["blend"] = ["5", 0]
+    return prompt
+
+
+def test_bad_inputs_get_a_message_naming_them(server):
+    """Each bad value reaches the pack over POST /prompt and fails in its node, before sampling, with the
+    one-line message the library gives (what ComfyUI shows the user); no progress event is sent."""
+    from e2e.prompts import picture_png
+
+    server.upload_input("bad_input_source.png", picture_png(seed=7, mask=True))
+    (server.models_dir / "guided_diffusion" / "empty_e2e.pt").write_bytes(b"")
+    cases = [
+        (_sampler_graph({"ckpt_name": "empty_e2e.pt"}, {}), "LoadDDPM",
+         r"DDPM checkpoint '[^']*empty_e2e.pt' is empty \(0 bytes\)"),
+        (_sampler_graph({"overrides": "image_size=63"}, {}), "LoadDDPM",
+         r"image_size=63 is not possible for this UNet: it has 6 levels, so image_size must be a positive multiple of 32"),
+        (_sampler_graph({"overrides": "diffusion_steps=0"}, {}), "LoadDDPM", r"diffusion_steps=0 must be a whole number >= 2"),
+        (_sampler_graph({}, {"respacing": "10,"}), "GuidedSampler",
+         r"respacing '10,' is not a valid timestep respacing for a 1000-step model; accepted: .*\"ddim50\""),
+        (_sampler_graph({}, {"respacing": "1"}), "GuidedSampler", r"respacing '1' is not a valid timestep respacing"),
+        (_sampler_graph({}, {}, {"crop_margin": float("nan")}), "BackgroundBlend",
+         r"crop_margin must be a finite number >= 0 .*got nan"),
+    ]
+    for prompt, node, pattern in cases:
+        result = server.run(prompt, timeout=120)
+        assert result.status == "error", f"{node} {pattern}: expected an error, got {result.status}"
+        error = result.error or {}
+        message = error.get("exception_message", "")
+        assert error.get("node_type") == node and re.search(pattern, message), result.describe_error()
+        assert "\n" not in message.strip() and not result.progress
+
+
+def test_clip_rank_with_one_mask_per_image(server):
+    """Two images and two masks (one per image) through CLIP Rank in the real server: accepted, both ranked."""
+    from e2e.prompts import picture_png
+
+    server.upload_input("rank_a.png", picture_png(seed=1))
+    server.upload_input("rank_b.png", picture_png(seed=2))
+    server.upload_input("rank_mask.png", picture_png(mask=True))
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "rank_a.png"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "rank_b.png"}},
+        "3": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["2", 0]}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "rank_mask.png"}},
+        "5": {"class_type": "RepeatImageBatch", "inputs": {"image": ["4", 0], "amount": 2}},
+        "6": {"class_type": "ImageToMask", "inputs": {"image": ["5", 0], "channel": "red"}},
+        "7": {"class_type": "LoadCLIPGuidance", "inputs": {"models": "tiny-clip-vit", "dtype": "fp32"}},
+        "8": {"class_type": "CLIPRank", "inputs": {"images": ["3", 0], "clip": ["7", 0], "prompt": "a disc", "top_k": 1,
+                                                   "faithful": False, "mask": ["6", 0], "crop_size": 32,
+                                                   "crop_margin": 0.25}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    result = run_ok(server, prompt, timeout=120)
+    assert len(server.images(result)) == 2

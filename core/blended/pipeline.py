@@ -8,6 +8,8 @@ seam), many samples as batches, CLIP ranking.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -57,6 +59,15 @@ class BlendSpec:
     def __post_init__(self) -> None:
         if self.mode not in BLEND_MODES:
             raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {self.mode!r}")
+        # NaN passes ComfyUI's min/max check (every comparison with NaN is false): refuse it here, by name
+        if not (isinstance(self.crop_margin, numbers.Real) and math.isfinite(self.crop_margin)
+                and self.crop_margin >= 0):
+            raise ValueError(f"crop_margin must be a finite number >= 0 (context around the mask as a fraction of "
+                             f"its size, e.g. 0.25), got {self.crop_margin!r}")
+        for name in ("feather", "dilate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{name} must be a whole number of pixels >= 0, got {value!r}")
 
     def full_mask(self, image: torch.Tensor, index: int = 0, batch: Optional[int] = None) -> torch.Tensor:
         """Mask of image ``index`` (of ``batch`` images) at that image's resolution, checked (empty = error)."""

@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import zipfile
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
+from ..weights_file import check_weights_file
 from .schedule import DiffusionSchedule, Spacing
 from .unet import UNetConfig, UNetModel
 
@@ -106,12 +107,17 @@ def _missing_message(path: str) -> str:
                     f"{BASE_URL}256x256_diffusion_uncond.pt (python -m core.cli download 256x256_diffusion_uncond.pt).")
 
 
-def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """Read a flat tensor dict from .safetensors or a torch file, never executing pickled code."""
+def read_state_dict(path: Union[str, os.PathLike], what: str = "DDPM checkpoint") -> dict[str, torch.Tensor]:
+    """Read a flat tensor dict from .safetensors or a torch file, never executing pickled code.
+
+    The reader follows the file's content, not its extension; a directory, an empty file or a text
+    file (an HTML page, a Git LFS pointer) is refused by name before any reading.
+    """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise MissingWeightsError(_missing_message(path))
-    if path.endswith(".safetensors"):
+    kind = check_weights_file(path, what, CheckpointError)
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
@@ -121,14 +127,22 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refused to load {path!r}: it contains pickled Python objects other than tensors, which could run "
-            f"arbitrary code. Only plain state dicts (or .safetensors) are loaded. Details: {str(exc).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found:  # a real pickle that names Python objects: the safe loader refuses them
+            raise CheckpointError(
+                f"refused to load {path!r}: it contains pickled Python objects other than tensors ({found.group(1)}), "
+                "which could run arbitrary code. Only plain state dicts (or .safetensors) are loaded.") from None
         raise CheckpointError(f"{path!r} could not be read: the file is truncated or corrupt "
-                              f"(re-download it). Details: {str(exc).splitlines()[0]}") from None
+                              f"(re-download it). Details: {_first_line(exc)}") from None
+    except Exception as exc:  # truncated zips and pickles fail in many ways (EOFError, KeyError, RuntimeError ...)
+        raise CheckpointError(f"{path!r} could not be read: the file is truncated or corrupt "
+                              f"(re-download it). Details: {_first_line(exc)}") from None
     return unwrap_state_dict(loaded, path)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type when it has none."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def unwrap_state_dict(loaded: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -276,6 +290,27 @@ def _check_shape_flags(cfg: UNetConfig, overrides: Mapping[str, Any], where: str
                                   f"({flag}={value}); leave {flag} out, the shapes tell it")
 
 
+def _check_value_flags(cfg: UNetConfig, overrides: Mapping[str, Any], where: str) -> None:
+    """Overrides whose values cannot work are refused before the model is built, naming the accepted values."""
+    stride = 2 ** (len(cfg.channel_mult) - 1)  # the UNet halves the image once per level after the first
+    if "image_size" in overrides:
+        size = overrides["image_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % stride:
+            raise CheckpointError(f"{where}: image_size={size!r} is not possible for this UNet: it has "
+                                  f"{len(cfg.channel_mult)} levels, so image_size must be a positive multiple of "
+                                  f"{stride} (e.g. {max(stride, cfg.image_size - cfg.image_size % stride)})")
+    if "diffusion_steps" in overrides:
+        steps = overrides["diffusion_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise CheckpointError(f"{where}: diffusion_steps={steps!r} must be a whole number >= 2 (the published "
+                                  "models use 1000, guided-diffusion's default)")
+    if "noise_schedule" in overrides and overrides["noise_schedule"] not in ("linear", "cosine"):
+        raise CheckpointError(f"{where}: noise_schedule={overrides['noise_schedule']!r} must be 'linear' or 'cosine'")
+    for flag in ("use_new_attention_order", "learn_sigma", "class_cond"):
+        if flag in overrides and not isinstance(overrides[flag], bool):
+            raise CheckpointError(f"{where}: {flag}={overrides[flag]!r} must be True or False")
+
+
 @dataclass
 class DDPM:
     """A loaded pixel-space DDPM: the UNet plus the diffusion facts needed to sample from it."""
@@ -364,6 +399,7 @@ def load_ddpm(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *, dt
                                   "super-resolution upsamplers and other variants are not supported; use a "
                                   "3-channel generator such as 256x256_diffusion_uncond.pt")
         _check_shape_flags(cfg, overrides, where)
+        _check_value_flags(cfg, overrides, where)
         preset = _preset_for(name, cfg)
         flags, assumed = resolve_flags(preset, overrides)
 
@@ -401,6 +437,7 @@ def load_ddpm(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *, dt
             raise CheckpointError(f"{where} does not match the inferred UNet layout {cfg}: "
                                   f"{str(exc).splitlines()[0]} ... (override flags such as num_head_channels?)") from None
         unet.eval().requires_grad_(False)
+        unet.source_file = where  # named by the sampler's NaN report if the model's own output goes bad
         if unet.out[2].weight.device.type != "meta":
             unet.to(device)
             if dtype != torch.float32:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, NamedTuple, Sequence, Union
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -44,6 +44,25 @@ def named_betas(name: str, num_timesteps: int) -> torch.Tensor:
     raise ValueError(f"noise_schedule must be 'linear' or 'cosine', got {name!r}")
 
 
+MIN_STEPS = 2  # the first step's variance is read from the second step's (beta~_1), as upstream does
+
+
+class RespacingError(ValueError):
+    """A timestep respacing that guided-diffusion's rules cannot turn into a schedule of at least two steps."""
+
+    def __init__(self, spacing: object, num_timesteps: int) -> None:
+        super().__init__(
+            f"respacing {spacing!r} is not a valid timestep respacing for a {num_timesteps}-step model; accepted: a "
+            f"step count from {MIN_STEPS} to {num_timesteps} (e.g. \"100\"), \"ddimN\" with N >= {MIN_STEPS} (e.g. "
+            f"\"ddim50\"), comma-separated section counts each >= 1 (e.g. \"10,10,5\"), or empty for all steps")
+
+
+def _whole_number(text: str) -> Optional[int]:
+    """``int(text)`` for plain decimal digits (no sign, no spaces inside), else None."""
+    text = text.strip()
+    return int(text) if text.isdigit() and text.isascii() else None
+
+
 def space_timesteps(num_timesteps: int, section_counts: Spacing) -> list[int]:
     """The original timesteps kept by a respacing, ascending, exactly as guided-diffusion picks them.
 
@@ -55,28 +74,36 @@ def space_timesteps(num_timesteps: int, section_counts: Spacing) -> list[int]:
     """
     if section_counts is None or section_counts == "":
         return list(range(num_timesteps))
+    if isinstance(section_counts, bool):
+        raise RespacingError(section_counts, num_timesteps)
     if isinstance(section_counts, int):
         section_counts = str(section_counts)
     if not isinstance(section_counts, str):
         steps = sorted({int(s) for s in section_counts})
-        if not steps or steps[0] < 0 or steps[-1] >= num_timesteps:
-            raise ValueError(f"explicit timesteps must lie in [0, {num_timesteps - 1}], got {steps[:3]}...")
+        if len(steps) < MIN_STEPS or steps[0] < 0 or steps[-1] >= num_timesteps:
+            raise ValueError(f"explicit timesteps must be at least {MIN_STEPS} distinct values in "
+                             f"[0, {num_timesteps - 1}], got {steps[:3]}...")
         return steps
     spec = section_counts.strip()
     if spec.startswith("ddim"):
-        wanted = int(spec[len("ddim"):])
+        wanted = _whole_number(spec[len("ddim"):])
+        if wanted is None or wanted < MIN_STEPS:
+            raise RespacingError(section_counts, num_timesteps)
         for stride in range(1, num_timesteps):
             if len(range(0, num_timesteps, stride)) == wanted:
                 return list(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot create exactly {wanted} steps with an integer stride from {num_timesteps}")
-    counts = [int(c) for c in spec.split(",")]
+        raise ValueError(f"respacing {section_counts!r}: cannot create exactly {wanted} steps with an integer stride "
+                         f"from {num_timesteps}")
+    counts = [_whole_number(c) for c in spec.split(",")]
+    if any(c is None or c < 1 for c in counts) or sum(counts) < MIN_STEPS:
+        raise RespacingError(section_counts, num_timesteps)
     size_per, extra = divmod(num_timesteps, len(counts))
     kept: list[int] = []
     start = 0
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+            raise ValueError(f"respacing {section_counts!r}: cannot divide a section of {size} steps into {count}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         position = 0.0
         for _ in range(count):

@@ -184,12 +184,12 @@ def _weights_path(arch: str, pretrained: PathLike, models_dir: Optional[PathLike
     if tag_cfg:
         file_name, url = expected_file(arch, os.fspath(pretrained))
         candidate = os.path.join(os.fspath(models_dir), file_name) if models_dir is not None else None
-        if candidate is None or not os.path.isfile(candidate):
+        if candidate is None or not os.path.exists(candidate):  # a folder of that name is refused as one later
             raise _missing(arch, file_name, models_dir, url)
         return candidate, tag_cfg
     path = os.fspath(pretrained)
     for candidate in (path, os.path.join(os.fspath(models_dir), path) if models_dir is not None else None):
-        if candidate and os.path.isfile(candidate):
+        if candidate and os.path.exists(candidate):
             return candidate, {}
     raise _missing(arch, os.path.basename(path), models_dir if models_dir is not None else os.path.dirname(path) or None, None)
 

@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..weights_file import check_weights_file
+
 PathLike = Union[str, os.PathLike]
 # Extra tensors of OpenAI's archives (hyper-parameters kept as buffers); not weights.
 OPENAI_ARCHIVE_METADATA = ("input_resolution", "context_length", "vocab_size")
@@ -144,8 +146,9 @@ def read_clip_weights(path: PathLike) -> tuple[dict[str, torch.Tensor], bool]:
     ``input_resolution``/``context_length``/``vocab_size`` buffers), which need QuickGELU.
     """
     where = os.fspath(path)
+    kind = check_weights_file(where, "CLIP weights", ClipLoadError)  # a folder, empty or text file: by name
     try:
-        if where.endswith(".safetensors"):
+        if kind == "safetensors":
             from safetensors.torch import load_file
             loaded: Any = load_file(where)
         elif zipfile.is_zipfile(where) and _torchscript_prefix(zipfile.ZipFile(where)) is not None:

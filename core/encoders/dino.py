@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from ..weights_file import check_weights_file
+
 DINO_URL_TEMPLATE = "https://dl.fbaipublicfiles.com/dino/{stem}/{stem}.pth"
 DEFAULT_DINO_ARCH = "vit_base_patch8_224"
 DEFAULT_DINO_FILENAME = "dino_vitbase8_pretrain.pth"
@@ -163,10 +165,11 @@ def load_dino_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     :class:`DINOCheckpointError` (unreadable/corrupt file, or not a ViT state dict).
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DINOCheckpointNotFoundError(_missing_message(p))
+    kind = check_weights_file(p, "DINO checkpoint", DINOCheckpointError)  # a folder, empty or text file: by name
     try:
-        if p.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
             obj: object = load_file(str(p), device="cpu")
         else:

@@ -12,6 +12,8 @@ from typing import Optional, Union
 
 import torch
 
+from ..diffusion.checkpoints import read_state_dict
+
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 MODEL_FOLDER = "models/lpips"
@@ -46,16 +48,12 @@ def load_lpips(vgg_weights: Optional[Union[str, os.PathLike]], device: Union[str
     with torch.inference_mode(False):
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         if not random_trunk:
-            if vgg_weights is None or not os.path.isfile(vgg_weights):
+            if vgg_weights is None or not os.path.exists(vgg_weights):
                 raise MissingLPIPSWeightsError(
                     f"LPIPS needs the VGG16 weights {VGG16_FILE!r} (torchvision's ImageNet VGG16), expected at "
                     f"{os.fspath(vgg_weights) if vgg_weights else MODEL_FOLDER!r}: download {VGG16_URL} into the "
                     f"pack's '{MODEL_FOLDER}' folder. (Only needed with the background-preservation loss.)")
-            if os.fspath(vgg_weights).endswith(".safetensors"):
-                from safetensors.torch import load_file
-                sd = load_file(os.fspath(vgg_weights))
-            else:
-                sd = torch.load(vgg_weights, map_location="cpu", weights_only=True)
+            sd = read_state_dict(vgg_weights, "LPIPS VGG16 weights")  # safe, and a bad file is named
             mapped = _vgg_to_lpips_keys(sd)
             if len(mapped) != 26:
                 raise ValueError(f"{os.fspath(vgg_weights)!r} is not a torchvision VGG16 state dict "

@@ -125,12 +125,12 @@ def load_taesd_decoder(source: Union[str, os.PathLike, dict], device: Union[str,
     inference mode so its weights can take part in a backward pass under ComfyUI.
     """
     where = os.fspath(source) if not isinstance(source, dict) else "<state dict>"
-    if not isinstance(source, dict) and not os.path.isfile(where):
+    if not isinstance(source, dict) and not os.path.exists(where):  # a folder is named as one by read_state_dict
         name = os.path.splitext(os.path.basename(where))[0]
         raise FileNotFoundError(f"TAESD decoder not found: {where!r}. Put it in ComfyUI's '{MODEL_FOLDER}' folder; "
                                 f"the published files are at {TAESD_URL.format(name=name or 'taesd_decoder')} "
                                 "(taesd_decoder for SD1.5, taesdxl_decoder for SDXL, taesd3_decoder, taef1_decoder).")
-    sd = read_state_dict(source) if not isinstance(source, dict) else dict(source)
+    sd = read_state_dict(source, "TAESD decoder") if not isinstance(source, dict) else dict(source)
     first = sd.get("1.weight")
     if first is None or first.dim() != 4 or "3.conv.0.weight" not in sd:
         hint = " (this looks like a TAESD *encoder*: use the *_decoder file)" if "0.weight" in sd else ""

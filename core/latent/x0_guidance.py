@@ -92,8 +92,12 @@ def guide_x0(x0: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], p
     rho = normalised_step(gradient, reference, strength)
     # one host read per guided call: every term's and the gradient's finiteness, and whether any row moves
     flags = torch.stack([torch.isfinite(v).all() for v in losses.values()]
-                        + [torch.isfinite(gradient).all(), (rho > 0).any()]).tolist()
-    if not all(flags[:-1]):
+                        + [torch.isfinite(gradient).all(), torch.isfinite(x0).all(), (rho > 0).any()]).tolist()
+    if not flags[-2]:  # the sampler's own prediction: every loss and the gradient only follow it
+        raise GuidanceError("the diffusion model's x0 prediction was already NaN/inf before guidance (the model, "
+                            "its inputs or its precision produced it): the loss weights and guidance strength are "
+                            "not the cause. Check the checkpoint, or run the model in fp32.")
+    if not all(flags[:-2]):
         bad = [name for name, ok in zip(losses, flags) if not ok]
         what = f"loss term(s) {', '.join(bad)}" if bad else f"the guidance gradient (terms: {', '.join(losses)})"
         raise GuidanceError(f"{what} became NaN/inf on the decoded x0; lower the weight or the guidance strength, "
