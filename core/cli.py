@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .diffusion.checkpoints import PRESETS, download_url, load_ddpm, parse_flags
-from .io import load_image, load_image_pil, save_image
+from .io import check_output_path, load_image, load_image_pil, save_image
 from .diffusion.sampling import sample
 
 MODELS = "models"
@@ -305,9 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_settings(args: argparse.Namespace) -> None:
+    """Output and ranking settings are checked before any model is loaded, not after hours of sampling."""
+    if getattr(args, "out", None) is not None:
+        check_output_path(args.out, "--out")
+    top_k = getattr(args, "top_k", None)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (omit it to keep every sample), got {top_k}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_settings(args)
         return args.func(args)
     except (FileNotFoundError, ValueError, DownloadError) as exc:  # say what and how to fix it, no traceback
         print(f"error: {exc}", file=sys.stderr)

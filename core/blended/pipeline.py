@@ -15,6 +15,7 @@ import torch
 
 from ..diffusion.batching import ProgressRelay, planned_steps, sample_many
 from ..diffusion.guided_loop import GuidedSamplerOptions
+from ..io import check_model_range
 from .blending import BLEND_MODES, BackgroundBlend
 from .geometry import extract_crop, plan_crop, stitch_back
 from .losses import blended_guidance
@@ -162,6 +163,9 @@ def blended_edit(ddpm: Any, clip: Any, image: torch.Tensor, mask: torch.Tensor, 
         raise ValueError("prompt is empty: Blended Diffusion needs a text describing the edit")
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image must be [1,3,H,W], got {tuple(image.shape)} (edit one image per call)")
+    check_model_range(image, "image")
+    if top_k is not None and top_k < 1:  # before sampling, not after it
+        raise ValueError(f"top_k must be >= 1 (or None for all samples), got {top_k}")
     spec = BlendSpec(mask, blend_mode, enforce, crop_margin, feather, invert_mask)
     terms = blended_guidance(clip, prompt, None, lambda_clip=lambda_clip, lambda_range=lambda_range,
                              background_preservation=background_preservation, lambda_lpips=lambda_lpips,

@@ -16,6 +16,7 @@ from .clip_direction import CLIPDirectionalLoss
 from ..diffusion.batching import sample_many
 from ..diffusion.guided_loop import GuidedResult, GuidedSamplerOptions
 from ..diffusion.range import RESTART_THRESHOLD, RangeLoss
+from ..io import check_model_range
 from .dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
 
@@ -91,6 +92,7 @@ def _settings(preset: str, overrides: dict) -> DiffuseITSettings:
 def _check_source(source: torch.Tensor, size: int) -> None:
     if source.dim() != 4 or source.shape[1] != 3:
         raise ValueError(f"source must be [B,3,H,W] in [-1,1], got {tuple(source.shape)}")
+    check_model_range(source, "source")
     if source.shape[-2:] != (size, size):
         raise ValueError(f"source is {tuple(source.shape[-2:])}; resize it to the model's {size}x{size} first "
                          "(core.io.resize_to_model or load_image_pil)")
@@ -114,6 +116,7 @@ def diffuseit_image(ddpm: Any, dino: Any, source: torch.Tensor, style: torch.Ten
     """Image-guided translation: the structure of ``source``, the appearance of ``style`` ([1,3,H,W])."""
     settings = _settings(preset, overrides)
     _check_source(source, ddpm.image_size)
+    check_model_range(style, "style")
     terms = diffuseit_guidance(dino, settings, style_image=style)
     result = sample_many(ddpm.unet, ddpm.schedule(settings.respacing), source, terms, samples_per_image=samples,
                          seed=seed, chunk_size=chunk_size, options=sampler_options(settings), callback=callback,
