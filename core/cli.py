@@ -210,7 +210,7 @@ def cmd_blended(args: argparse.Namespace) -> int:
 def cmd_tiny_models(args: argparse.Namespace) -> int:
     from .tiny_models import write_tiny_models
 
-    for folder, path in write_tiny_models(args.dir).items():
+    for folder, path in write_tiny_models(args.dir, force=args.force).items():
         print(f"{folder}: {path}")
     return 0
 
@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("tiny-models", help="write tiny random checkpoints (real formats and names) for offline tests")
-    p.add_argument("dir", help="models folder to fill")
+    p.add_argument("dir", help="models folder to fill (refused if its pack folders hold other weights files)")
+    p.add_argument("--force", action="store_true", help="replace files of the same names and write among other weights")
     p.set_defaults(func=cmd_tiny_models)
     return parser
 
