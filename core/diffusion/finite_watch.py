@@ -14,8 +14,10 @@ import torch
 
 
 class GuidanceError(RuntimeError):
-    """A guidance loss or its gradient stopped being finite."""
+    """A guidance loss, its gradient or the diffusion model's output stopped being finite."""
 
+
+MODEL_OUTPUT = "model output"  # the flag of the UNet's predicted x0, recorded before the loss terms
 
 class FiniteWatch:
     """Collects per-step "is every loss and the gradient finite" flags on the device and reads them
@@ -28,16 +30,21 @@ class FiniteWatch:
 
     every = 8
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         self.pending: list = []
+        self.model_name = model_name  # the checkpoint, named when the model's own output goes bad
 
     @staticmethod
     def _per_row(finite: torch.Tensor) -> torch.Tensor:
         return finite.reshape(1) if finite.dim() == 0 else finite.reshape(finite.shape[0], -1).all(1)
 
     def record(self, per_term: dict, grad: Optional[torch.Tensor], step: int,
-               t_index: Union[int, Sequence[int]]) -> None:
-        """Queue this step's finiteness flags; ``t_index`` is the respaced index of every row (or one int)."""
+               t_index: Union[int, Sequence[int]], model_output: Optional[torch.Tensor] = None) -> None:
+        """Queue this step's finiteness flags; ``t_index`` is the respaced index of every row (or one int).
+        ``model_output`` (the predicted x0) is watched too, so a broken model is caught without guidance
+        and is not blamed on the loss weights."""
+        if model_output is not None:
+            per_term = {MODEL_OUTPUT: model_output, **per_term}
         flags = [self._per_row(torch.isfinite(v.detach())) for v in per_term.values()]
         if grad is not None:
             flags.append(self._per_row(torch.isfinite(grad.detach())))
@@ -64,6 +71,11 @@ class FiniteWatch:
             where += f" in row {row}"
             if len(rows) > 1:
                 where += " (also " + ", ".join(f"row {r} at t={t_rows[r]}" for r in rows[1:] if r < len(t_rows)) + ")"
+        if bad and bad[0] == MODEL_OUTPUT:  # the model itself, before any loss: weights are not the cause
+            model = f" ({self.model_name})" if self.model_name else ""
+            raise GuidanceError(f"the diffusion model's output{model} became NaN/inf at step {step} {where}: the "
+                                "checkpoint may hold NaN/inf weights, or a fp16/bf16 UNet overflowed (use fp32); "
+                                "the guidance weights are not the cause")
         raise GuidanceError(f"{what} became NaN/inf at guided step {step} {where}. "
                             "Lower that term's weight, use fp32, or check the inputs (an all-black or constant "
                             "image can make normalised features undefined).")

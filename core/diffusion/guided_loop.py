@@ -129,7 +129,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
     image = torch.zeros_like(source)
     total, i = len(steps), 0
     loss_log: dict = {}
-    finite = FiniteWatch()
+    finite = FiniteWatch(getattr(unet, "checkpoint", ""))
     while bool((position < len(steps)).any()):  # `position` lives on the CPU: no device sync
         active_cpu = position < len(steps)
         t_list = [steps[min(p, len(steps) - 1)][0] for p in position.tolist()]
@@ -140,7 +140,7 @@ def guided_sample(unet: torch.nn.Module, schedule: DiffusionSchedule, source: to
                           state=state)
         mv, grad, per_term = guidance_gradient(unet, schedule, x, t_index, prepared, ctx, active,
                                                options.clip_denoised, y, learn_sigma)
-        finite.record(per_term, grad, i, t_list)
+        finite.record(per_term, grad, i, t_list, model_output=mv.pred_xstart)
         x_t = x
         z = noise.randn(source.shape[1:], kind="step")
         if options.sampler == "ddpm":
