@@ -120,13 +120,13 @@ class BlendedSampleResult:
 def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tuple, *, samples: int = 1,
                    seed: int = 0, respacing: str = "100", options: GuidedSamplerOptions = GuidedSamplerOptions(),
                    chunk_size: int = 0, callback: Optional[Callable[[dict], None]] = None,
-                   first_row: int = 0) -> BlendedSampleResult:
+                   first_row: int = 0, free_memory: Any = None) -> BlendedSampleResult:
     """Blended Diffusion on images of any size: per image, crop a square around its mask (with
     ``crop_margin`` of context; small images are upscaled), run the guided sampler with the
     background blend at model resolution, and stitch the edits back (pixels outside the mask are
     returned unchanged). Row r of the result is row ``first_row + r`` of the run seeded with ``seed``
     (``core.diffusion.sampling.row_seed``), as in :func:`sample_many`: a one-sample call with ``first_row=r``
-    reproduces it."""
+    reproduces it. ``chunk_size`` 0 and ``free_memory`` as in :func:`sample_many`."""
     size, device = ddpm.image_size, ddpm.device
     outputs, edits, masks, restarts = [], [], [], []
     schedule = ddpm.schedule(respacing)
@@ -137,7 +137,8 @@ def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tupl
         blend = BackgroundBlend(crop_mask, spec.mode, spec.enforce_background)
         result = sample_many(ddpm.unet, schedule, crop, terms, samples_per_image=samples,
                              seed=seed, first_row=first_row + index * samples, chunk_size=chunk_size,
-                             options=options, blend=blend, callback=relay.next_run(), learn_sigma=ddpm.learn_sigma)
+                             options=options, blend=blend, callback=relay.next_run(), learn_sigma=ddpm.learn_sigma,
+                             free_memory=free_memory)
         outputs.append(stitch_back(image, result.images, full_mask, box, feather=spec.feather))
         edits.append(result.images)
         masks.append(crop_mask.expand(samples, -1, -1, -1))
