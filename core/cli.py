@@ -19,6 +19,7 @@ import torch
 from .diffusion.checkpoints import PRESETS, download_url, load_ddpm, parse_flags
 from .io import check_output_path, load_image, load_image_pil, save_image
 from .diffusion.finite_watch import GuidanceError
+from .diffusion.memory import ChunkMemoryError
 from .diffusion.sampling import sample
 
 MODELS = "models"
@@ -321,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         check_settings(args)
         return args.func(args)
-    except (FileNotFoundError, ValueError, DownloadError, GuidanceError) as exc:  # say what and how to fix it, no traceback
+    except (FileNotFoundError, ValueError, DownloadError, GuidanceError, ChunkMemoryError) as exc:  # say what and how to fix it, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

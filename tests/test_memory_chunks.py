@@ -140,3 +140,16 @@ def test_guided_sampler_node_uses_comfy_free_memory(pack, monkeypatch):
     assert asked == [ddpm.value.device]
     assert comfy.utils.updates[len(comfy.utils.updates) // 2 - 1][1] == 3 * 5  # three chunks of 5 steps
     assert torch.equal(low, serial)
+
+
+def test_cli_prints_the_memory_error_as_one_line(monkeypatch, capsys):
+    from core import cli
+
+    def out_of_memory(args):
+        raise memory.memory_error(8, 8, 2 ** 30)
+
+    monkeypatch.setattr(cli, "cmd_sample", out_of_memory)
+    assert cli.main(["sample", "--ckpt", "x.pt"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: out of memory while sampling 8 of 8 rows at once (about 1.00 GiB per row): set chunk_size "
+                   "to 4 (or lower; 1 = one sample at a time, results do not change), or turn on gradient checkpointing\n")
