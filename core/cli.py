@@ -19,8 +19,9 @@ import torch
 from .devices import check_device
 from .diffusion.checkpoints import PRESETS, download_url, load_ddpm, parse_flags
 from .diffusion.finite_watch import GuidanceError
+from .diffusion.memory import ChunkMemoryError
 from .diffusion.schedule import space_timesteps
-from .io import load_image, load_image_pil, read_image_file, save_image
+from .io import check_output_path, load_image, load_image_pil, read_image_file, save_image
 from .diffusion.sampling import sample
 
 MODELS = "models"
@@ -246,7 +247,7 @@ def cmd_blended(args: argparse.Namespace) -> int:
 def cmd_tiny_models(args: argparse.Namespace) -> int:
     from .tiny_models import write_tiny_models
 
-    for folder, path in write_tiny_models(args.dir, sd15=args.sd15, seed=args.seed).items():
+    for folder, path in write_tiny_models(args.dir, sd15=args.sd15, seed=args.seed, force=args.force).items():
         print(f"{folder}: {path}")
     return 0
 
@@ -350,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("tiny-models", help="write tiny random checkpoints (real formats and names) for offline tests")
-    p.add_argument("dir", help="models folder to fill")
+    p.add_argument("dir", help="models folder to fill (refused if its pack folders hold other weights files)")
+    p.add_argument("--force", action="store_true", help="replace files of the same names and write among other weights")
     p.add_argument("--sd15", action="store_true",
                    help="also write checkpoints/tiny_sd15.safetensors, a random SD1.5-layout checkpoint for Load "
                         "Checkpoint (465 MB: full-size VAE and CLIP-L, tiny UNet)")
@@ -359,11 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_settings(args: argparse.Namespace) -> None:
+    """Output and ranking settings are checked before any model is loaded, not after hours of sampling."""
+    if getattr(args, "out", None) is not None:
+        check_output_path(args.out, "--out")
+    top_k = getattr(args, "top_k", None)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (omit it to keep every sample), got {top_k}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_settings(args)
         return args.func(args)
-    except (FileNotFoundError, ValueError, DownloadError) as exc:  # say what and how to fix it, no traceback
+    except (FileNotFoundError, ValueError, DownloadError, ChunkMemoryError) as exc:  # what and how to fix it, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except GuidanceError as exc:  # a run that went NaN: the message names the step, term or model

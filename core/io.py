@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import warnings
 from typing import Literal, Union
 
@@ -38,6 +39,24 @@ def to_model(image_bhwc: torch.Tensor) -> torch.Tensor:
     elif channels != 3:
         raise ValueError(f"image must have 1, 2, 3 or 4 channels (last dim), got {channels}")
     return image_bhwc.movedim(-1, 1).float().clamp(0, 1) * 2 - 1
+
+
+RANGE_SLACK = 1e-3  # resampling can overshoot [-1, 1] by a rounding error; anything further is another scale
+
+
+def check_model_range(x: torch.Tensor, what: str) -> None:
+    """Refuse a model-space image that is not in [-1, 1] (e.g. 0..255 values) or not finite, before any work.
+
+    The pipelines take [-1, 1] images only; they do not guess a scale (a 0..1 image is a valid [-1, 1]
+    image, so no rule could tell it apart). Tensors on the ``meta`` device (no values) pass.
+    """
+    if x.device.type == "meta" or x.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(x.detach().float()))
+    if not (-1 - RANGE_SLACK <= lo and hi <= 1 + RANGE_SLACK):  # also false for NaN
+        raise ValueError(f"{what} has values in [{lo:g}, {hi:g}]; images must be in [-1, 1]: use x / 127.5 - 1 "
+                         "for 0..255 data, x * 2 - 1 for 0..1 data (core.io.load_image / load_image_pil / "
+                         "to_model do this)")
 
 
 def from_model(x: torch.Tensor) -> torch.Tensor:
@@ -73,28 +92,92 @@ def pil_to_float(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation tag says (phone photos store sideways pixels plus that tag),
+    as ComfyUI's Load Image does; images without the tag are returned unchanged."""
+    from PIL import ImageOps
+
+    if im.getexif().get(0x0112, 1) in (None, 1):  # 0x0112 = Orientation; 1 = already upright
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def load_image(path: ImageSource) -> torch.Tensor:
-    """Read any PIL-readable file (or a PIL image) as [1,3,H,W] in [-1,1] (alpha dropped, grayscale expanded,
-    16-bit scaled: ``I;16*`` / ``I`` values 0..65535 map to 0..1, see :func:`pil_to_float`)."""
+    """Read any PIL-readable file (or a PIL image) as [1,3,H,W] in [-1,1] (EXIF orientation applied, alpha
+    dropped, grayscale expanded, 16-bit scaled: ``I;16*`` / ``I`` values 0..65535 map to 0..1, see
+    :func:`pil_to_float`)."""
     rgb = pil_to_float(_open_pil(path))
     return to_model(torch.from_numpy(np.ascontiguousarray(rgb))[None])
 
 
+# what ``save_image`` writes: PIL's format name per file extension (lower case)
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                  ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def check_output_path(path: Union[str, os.PathLike], what: str = "output path") -> None:
+    """Refuse an output path that :func:`save_image` could not write, before any work starts.
+
+    The extension must be one of ``OUTPUT_FORMATS`` (none = ``.png``); the nearest existing folder on the
+    way to the file must be a folder (not a regular file) that accepts a new file (checked by creating and
+    removing one, which also catches read-only file systems and runs as root correctly). Nothing is left
+    behind: missing folders are only created by :func:`save_image`. ``what`` names the input in errors.
+    """
+    path = os.fspath(path)
+    if not path or path.endswith(("/", os.sep)):
+        raise ValueError(f"{what} {path!r} names a folder; give a file name such as {os.path.join(path or '.', 'out.png')!r}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext and ext not in OUTPUT_FORMATS:
+        raise ValueError(f"{what} {path!r}: unknown image extension {ext!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; give a file name inside it")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path!r} cannot be written: {folder!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"{what} {path!r} cannot be written: folder {folder!r} does not accept new files "
+                         f"({exc.strerror or exc})") from None
+
+
+def _create_exclusive(stem: str, ext: str) -> tuple[str, int]:
+    """Create ``stem + ext`` (or ``stem_1 + ext``, ``stem_2 + ext``, ... when taken) with O_EXCL, so two
+    processes saving to one name at once each get their own file; returns (name, open descriptor)."""
+    n = 0
+    while True:
+        candidate = f"{stem}{'' if n == 0 else f'_{n}'}{ext}"
+        try:
+            return candidate, os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            n += 1
+
+
 def save_image(x: torch.Tensor, path: str) -> list[str]:
-    """Save a [B,3,H,W] batch in [-1,1] as PNG(s); never overwrites: a taken name gets a counter."""
+    """Save a [B,3,H,W] batch in [-1,1] as image file(s) (format from the extension, PNG without one);
+    ``_000``, ``_001``, ... number a batch. Never overwrites: every file is created exclusively (O_EXCL)
+    and a taken name gets the next free counter (``s.png`` -> ``s_1.png``), also when other processes
+    save to the same name at the same time."""
+    check_output_path(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     stem, ext = os.path.splitext(path)
     ext = ext or ".png"
+    image_format = OUTPUT_FORMATS[ext.lower()]
     arrays = (from_model(x) * 255).round().to(torch.uint8).cpu().numpy()
     written = []
     for b, arr in enumerate(arrays):
-        candidate = f"{stem}{'' if len(arrays) == 1 else f'_{b:03d}'}{ext}"
-        n = 1
-        while os.path.exists(candidate):
-            candidate = f"{stem}{'' if len(arrays) == 1 else f'_{b:03d}'}_{n}{ext}"
-            n += 1
-        Image.fromarray(arr).save(candidate)
-        written.append(candidate)
+        name, fd = _create_exclusive(f"{stem}{'' if len(arrays) == 1 else f'_{b:03d}'}", ext)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                Image.fromarray(arr).save(out, format=image_format)
+        except BaseException:
+            os.remove(name)  # no half-written file under the name
+            raise
+        written.append(name)
     return written
 
 
@@ -204,13 +287,15 @@ def read_image_file(path: Union[str, os.PathLike], what: str = "image") -> Image
 
 
 def _open_pil(image: ImageSource, what: str = "image") -> Image.Image:
+    """A path (read and checked by :func:`read_image_file`) or PIL image, upright by its EXIF orientation
+    (:func:`upright`)."""
     if isinstance(image, Image.Image):
-        return image
-    return read_image_file(image, what)
+        return upright(image)
+    return upright(read_image_file(image, what))
 
 
 def load_image_pil(image: ImageSource, size: int = 256) -> torch.Tensor:
-    """Upstream's source preprocessing exactly (both papers): PIL RGB, ``resize((size, size), LANCZOS)``
+    """Upstream's source preprocessing exactly (both papers), after the EXIF orientation: PIL RGB, ``resize((size, size), LANCZOS)``
     (aspect ratio ignored), [-1, 1], shape (1, 3, size, size). ``image``: a path or a PIL image.
     16-bit grayscale is scaled to 8 bits first (:func:`pil_to_rgb8`; upstream's ``convert("RGB")`` clips it)."""
     rgb = pil_to_rgb8(_open_pil(image)).resize((size, size), Image.Resampling.LANCZOS)

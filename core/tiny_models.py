@@ -32,6 +32,13 @@ ComfyUI's own formats (an SD1.5 checkpoint for Load Checkpoint, TAESD encoder/de
 ``vae_approx``) are written by :mod:`core.tiny_sd`; ``write_tiny_models`` calls it.
 
 CLI: ``python -m core.cli tiny-models DIR [--sd15]`` (or ``python -m core.tiny_models DIR``).
+
+Nothing real is overwritten: every file written is recorded with its SHA-256 in ``.tiny-models.json``
+in its folder, and a file that exists but is not such a record (a real checkpoint under the same name),
+or any other weights file in a folder to be filled, makes :func:`write_tiny_models` refuse before it
+writes anything (``force=True`` replaces). The DINO sidecar names its weights' SHA-256, so a real file
+that later takes the tiny one's name never picks up the tiny head count.
+
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 
 from .diffusion.unet import UNetConfig, UNetModel
+from .tiny_guard import TinyModelsRefused, file_sha256
+from .tiny_guard import claim as _claim, foreign_weights as _foreign_weights, record as _record
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -84,12 +93,10 @@ def tiny_unet_state_dict(seed: int = 0, config: UNetConfig = TINY_UNET) -> dict[
         return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def write_tiny_ddpm(folder: PathLike, name: str = DDPM_FILE, seed: int = 0) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
+def write_tiny_ddpm(folder: PathLike, name: str = DDPM_FILE, seed: int = 0, force: bool = False) -> Path:
+    path = _claim(Path(folder) / name, force)
     torch.save(tiny_unet_state_dict(seed), path)
-    return path
+    return _record(path)
 
 
 def tiny_dino_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
@@ -103,23 +110,26 @@ def tiny_dino_state_dict(seed: int = 1) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-def write_tiny_dino(folder: PathLike, name: str = DINO_FILE, seed: int = 1) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
+def write_tiny_dino(folder: PathLike, name: str = DINO_FILE, seed: int = 1, force: bool = False) -> Path:
+    """The tiny DINO file plus its head-count sidecar, which names the file's SHA-256: ``core.encoders.dino``
+    ignores a sidecar whose hash does not match, so a real ViT-B/8 saved under this name later is not
+    built with the tiny model's 2 heads."""
+    path = _claim(Path(folder) / name, force)
     torch.save(tiny_dino_state_dict(seed), path)
-    (folder / (name.split(".")[0] + "_config.json")).write_text(json.dumps({"num_heads": TINY_DINO["num_heads"]}))
+    _record(path)
+    sidecar = {"num_heads": TINY_DINO["num_heads"], "sha256": file_sha256(path)}
+    path.with_name(name.split(".")[0] + "_config.json").write_text(json.dumps(sidecar))
     return path
 
 
-def write_tiny_clip(folder: PathLike, name: str = CLIP_FOLDER, seed: int = 2) -> Path:
+def write_tiny_clip(folder: PathLike, name: str = CLIP_FOLDER, seed: int = 2, force: bool = False) -> Path:
     """An open_clip model folder with a tiny ViT CLIP; returns the weights file."""
     from safetensors.torch import save_file
 
     from .encoders.clip import tiny_open_clip_config
 
     target = Path(folder) / name
-    target.mkdir(parents=True, exist_ok=True)
+    path = _claim(target / CLIP_WEIGHTS, force)
     model_cfg = tiny_open_clip_config("vit", image_size=32, embed_dim=16)
     (target / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=1))
     import open_clip
@@ -127,9 +137,8 @@ def write_tiny_clip(folder: PathLike, name: str = CLIP_FOLDER, seed: int = 2) ->
     with _seeded(seed):
         model = open_clip.CLIP(**model_cfg)
         sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    path = target / CLIP_WEIGHTS
-    save_file(sd, str(path))
-    return path
+    save_file(sd, str(path), metadata={"tiny_models": "random weights, not a trained model"})
+    return _record(path)
 
 
 def vgg16_features_state_dict(seed: int = 3, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
@@ -147,15 +156,14 @@ def vgg16_features_state_dict(seed: int = 3, dtype: torch.dtype = torch.float16)
     return sd
 
 
-def write_tiny_lpips(folder: PathLike, name: str = LPIPS_FILE, seed: int = 3) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
+def write_tiny_lpips(folder: PathLike, name: str = LPIPS_FILE, seed: int = 3, force: bool = False) -> Path:
+    path = _claim(Path(folder) / name, force)
     torch.save(vgg16_features_state_dict(seed), path)
-    return path
+    return _record(path)
 
 
-def write_tiny_taesd(folder: PathLike, name: str = TAESD_FILE, seed: int = 4, latent_channels: int = 4) -> Path:
+def write_tiny_taesd(folder: PathLike, name: str = TAESD_FILE, seed: int = 4, latent_channels: int = 4,
+                     force: bool = False) -> Path:
     """A TAESD decoder at its real size (1.2 M parameters, fp16) with random weights, under ComfyUI's
     ``vae_approx`` key layout (``1.weight``, ``3.conv.0.weight``, ...)."""
     from safetensors.torch import save_file
@@ -164,14 +172,15 @@ def write_tiny_taesd(folder: PathLike, name: str = TAESD_FILE, seed: int = 4, la
 
     with _seeded(seed):
         module = taesd_decoder_module(latent_channels)
-    path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}, str(path))
-    return path
+    path = _claim(Path(folder) / name, force)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}, str(path),
+              metadata={"tiny_models": "random weights, not a trained model"})
+    return _record(path)
 
 
 def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = True,
-                      lpips: bool = True, taesd: bool = True, sd15: bool = False, seed: int = 0) -> dict[str, Path]:
+                      lpips: bool = True, taesd: bool = True, sd15: bool = False, seed: int = 0,
+                      force: bool = False) -> dict[str, Path]:
     """Write tiny checkpoints into ``models_dir/<folder>/``; returns {folder: written file}.
 
     ``models_dir`` is a ComfyUI models directory (or the ``base_path`` of an extra_model_paths.yaml
@@ -179,27 +188,28 @@ def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = T
     ``lpips=False`` to skip a folder. ``vae_approx`` gets TAESD encoder + decoder pairs of all four
     families (``core.tiny_sd.write_tiny_vae_approx``; the returned path is ``taesd_decoder``).
     ``sd15=True`` also writes ``checkpoints/tiny_sd15.safetensors`` (465 MB, so opt-in; seeded by
-    ``seed``; see ``core.tiny_sd``).
+    ``seed``; see ``core.tiny_sd``). Refuses (:class:`TinyModelsRefused`, before writing anything)
+    when a folder to be filled holds weights files tiny-models did not write, unless ``force``:
+    random tiny files under the published names must not replace, or be mistaken for, real ones.
     """
     if sd15 and (not isinstance(seed, int) or seed < 0):  # before anything is written
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     root = Path(models_dir)
-    written = {"guided_diffusion": write_tiny_ddpm(root / "guided_diffusion")}
-    if dino:
-        written["dino"] = write_tiny_dino(root / "dino")
-    if clip:
-        written["clip_guidance"] = write_tiny_clip(root / "clip_guidance")
-    if lpips:
-        written["lpips"] = write_tiny_lpips(root / "lpips")
-    if taesd:
-        from .tiny_sd import write_tiny_vae_approx
+    from .tiny_sd import SD15_FOLDER, write_tiny_sd15, write_tiny_vae_approx
 
-        written["vae_approx"] = write_tiny_vae_approx(root / "vae_approx")[0]
-    if sd15:
-        from .tiny_sd import SD15_FOLDER, write_tiny_sd15
-
-        written[SD15_FOLDER] = write_tiny_sd15(root / SD15_FOLDER, seed=seed)
-    return written
+    writers = {"guided_diffusion": write_tiny_ddpm, "dino": write_tiny_dino if dino else None,
+               "clip_guidance": write_tiny_clip if clip else None, "lpips": write_tiny_lpips if lpips else None,
+               "vae_approx": (lambda folder, force: write_tiny_vae_approx(folder, force=force)[0]) if taesd else None,
+               SD15_FOLDER: (lambda folder, force: write_tiny_sd15(folder, seed=seed, force=force)) if sd15 else None}
+    writers = {folder: write for folder, write in writers.items() if write is not None}
+    if not force:
+        foreign = [p for folder in writers for p in _foreign_weights(root / folder)]
+        if foreign:
+            shown = ", ".join(str(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise TinyModelsRefused(f"{root} holds weights that tiny-models did not write ({shown}); tiny random "
+                                    "models under the published names would replace or be mistaken for them, so "
+                                    "nothing was written. Use an empty folder, or --force (force=True)")
+    return {folder: write(root / folder, force=force) for folder, write in writers.items()}
 
 
 # ------------------------------------------------------------------ whole preset runs, in memory

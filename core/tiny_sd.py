@@ -33,6 +33,8 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 
+from .tiny_guard import claim, record
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 LAYOUT_FILE = Path(__file__).with_name("tiny_sd15_layout.json")
@@ -215,7 +217,7 @@ def _metadata(seed: int) -> dict:
 
 
 def write_tiny_sd15(folder: PathLike, name: str = SD15_FILE, seed: int = 0,
-                    keys: Optional[Callable[[str], bool]] = None) -> Path:
+                    keys: Optional[Callable[[str], bool]] = None, force: bool = False) -> Path:
     """Write the tiny SD1.5 checkpoint (465 MB; a few seconds) to ``folder/name``.
 
     ``keys`` keeps only the tensors whose key it accepts (same values as in the whole file): a fast
@@ -227,15 +229,14 @@ def write_tiny_sd15(folder: PathLike, name: str = SD15_FILE, seed: int = 0,
     plan = [item for item in sd15_plan() if keys is None or keys(item.key)]
     if not plan:
         raise ValueError("keys accepted none of the tiny SD1.5 checkpoint's tensors")
-    path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = claim(Path(folder) / name, force)  # never over a real checkpoint of that name (core.tiny_guard)
     part = path.with_name(f"{path.name}.{os.getpid()}.part")
     try:
         write_safetensors_streamed(part, plan, seed, _metadata(seed))
         os.replace(part, path)
     finally:
         part.unlink(missing_ok=True)
-    return path
+    return record(path)
 
 
 def tiny_sd15_checkpoint(cache_dir: PathLike, seed: int = 0) -> Path:
@@ -269,7 +270,8 @@ def link_tiny_sd15(models_dir: PathLike, cache_dir: PathLike, seed: int = 0) -> 
     return target
 
 
-def write_tiny_vae_approx(folder: PathLike, families: tuple = TAESD_FAMILIES, seed: int = 4) -> list[Path]:
+def write_tiny_vae_approx(folder: PathLike, families: tuple = TAESD_FAMILIES, seed: int = 4,
+                          force: bool = False) -> list[Path]:
     """TAESD encoder and decoder files (fp16, real size, published keys) for each family in ``folder``
     (ComfyUI's ``models/vae_approx``); returns the written paths, decoders first per family."""
     from safetensors.torch import save_file
@@ -290,7 +292,7 @@ def write_tiny_vae_approx(folder: PathLike, families: tuple = TAESD_FAMILIES, se
                 torch.manual_seed(seed + 10 * index + (half == "encoder"))
                 module = build(channels[family])
                 sd = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
-            path = folder / f"{family}_{half}.safetensors"
+            path = claim(folder / f"{family}_{half}.safetensors", force)
             save_file(sd, str(path))
-            written.append(path)
+            written.append(record(path))
     return written

@@ -192,6 +192,14 @@ def load_to_device(models: list[ManagedModel], memory_required: int = 0) -> None
         mm.load_models_gpu([m.patcher for m in models], memory_required=memory_required, force_full_load=True)
 
 
+def free_memory(device: torch.device) -> int:
+    """ComfyUI's own count of the bytes free on ``device`` (what it uses to decide model offloading);
+    Guided Sampler picks ``chunk_size`` 0's chunks from it."""
+    import comfy.model_management
+
+    return int(comfy.model_management.get_free_memory(device))
+
+
 def preview_method() -> str | None:
     """ComfyUI's ``--preview-method`` ("none", "auto", "latent2rgb", "taesd"), read when a node runs (a
     prompt's own preview setting, where ComfyUI supports one, lands there too); None when this ComfyUI

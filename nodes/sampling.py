@@ -56,8 +56,8 @@ class GuidedSampler(io.ComfyNode):
                 io.Int.Input("samples", default=1, min=1, max=256,
                              tooltip="Samples per source image (the official code's serial iterations, batched here)."),
                 io.Int.Input("chunk_size", default=0, min=0, max=256,
-                             tooltip="Rows per batch on the GPU; 0 = all at once. Lower it if memory runs out; "
-                                     "results do not change."),
+                             tooltip="Rows per batch on the GPU; 0 = all at once when they fit in the free memory, "
+                                     "else as many as fit (measured on one row). Results do not change."),
                 io.Boolean.Input("range_restart", default=False,
                                  tooltip="DiffuseIT's --use_range_restart: a sample whose x0 leaves [-1,1] too far restarts "
                                          "(at most max_restarts times)."),
@@ -102,12 +102,14 @@ class GuidedSampler(io.ComfyNode):
             source = to_model(image.clone()).to(device)
             if blend is not None:  # crop around each mask, edit at model size, stitch back
                 result = blended_sample(core_ddpm, source, blend, terms, samples=samples, seed=seed,
-                                        respacing=respacing, options=options, chunk_size=chunk_size, callback=progress)
+                                        respacing=respacing, options=options, chunk_size=chunk_size, callback=progress,
+                                        free_memory=bridge.free_memory)
             else:
                 model_source = resize_for_model(source, core_ddpm.image_size, core_ddpm.size_multiple, keep_aspect)
                 result = sample_many(core_ddpm.unet, schedule, model_source, terms,
                                      samples_per_image=samples, seed=seed, chunk_size=chunk_size, options=options,
-                                     callback=progress, learn_sigma=core_ddpm.learn_sigma)
+                                     callback=progress, learn_sigma=core_ddpm.learn_sigma,
+                                     free_memory=bridge.free_memory)
                 if upscale_to_source:
                     result.images = resize_to(result.images, tuple(source.shape[-2:]))
         return io.NodeOutput(from_model(result.images).to(bridge.intermediate_device()))

@@ -44,7 +44,9 @@ def test_clip_rank_node_orders_like_the_library_on_the_workflow_geometry(pack):
     from diffuseit_pack.nodes.loaders import LoadCLIPGuidance, LoadDDPM
     from diffuseit_pack.nodes.ranking import CLIPRank
 
-    write_tiny_models(models, dino=False, lpips=False)  # the 256 px DDPM: the workflow's crop geometry
+    # the 256 px DDPM: the workflow's crop geometry; force: the session's stub models folder also holds
+    # the other node tests' fixture copies, which tiny-models would otherwise refuse to write among
+    write_tiny_models(models, dino=False, lpips=False, force=True)
     width, height, mask, blend_args, prompt, (x, y, bw, bh) = _workflow_geometry()
     (ddpm,) = _run(LoadDDPM, ckpt_name="256x256_diffusion_uncond.pt", dtype="fp32", overrides="")
     (clip,) = _run(LoadCLIPGuidance, models="tiny-clip-vit", dtype="fp32")

@@ -17,6 +17,7 @@ import torch
 
 from ..diffusion.batching import ProgressRelay, planned_steps, sample_many
 from ..diffusion.guided_loop import GuidedSamplerOptions
+from ..io import check_model_range
 from .blending import BLEND_MODES, BackgroundBlend
 from .geometry import extract_crop, plan_crop, stitch_back
 from .losses import blended_guidance
@@ -133,13 +134,13 @@ class BlendedSampleResult:
 def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tuple, *, samples: int = 1,
                    seed: int = 0, respacing: str = "100", options: GuidedSamplerOptions = GuidedSamplerOptions(),
                    chunk_size: int = 0, callback: Optional[Callable[[dict], None]] = None,
-                   first_row: int = 0) -> BlendedSampleResult:
+                   first_row: int = 0, free_memory: Any = None) -> BlendedSampleResult:
     """Blended Diffusion on images of any size: per image, crop a square around its mask (with
     ``crop_margin`` of context; small images are upscaled), run the guided sampler with the
     background blend at model resolution, and stitch the edits back (pixels outside the mask are
     returned unchanged). Row r of the result is row ``first_row + r`` of the run seeded with ``seed``
     (``core.diffusion.sampling.row_seed``), as in :func:`sample_many`: a one-sample call with ``first_row=r``
-    reproduces it."""
+    reproduces it. ``chunk_size`` 0 and ``free_memory`` as in :func:`sample_many`."""
     size, device = ddpm.image_size, ddpm.device
     outputs, edits, masks, restarts = [], [], [], []
     schedule = ddpm.schedule(respacing)
@@ -150,7 +151,8 @@ def blended_sample(ddpm: Any, images: torch.Tensor, spec: BlendSpec, terms: tupl
         blend = BackgroundBlend(crop_mask, spec.mode, spec.enforce_background)
         result = sample_many(ddpm.unet, schedule, crop, terms, samples_per_image=samples,
                              seed=seed, first_row=first_row + index * samples, chunk_size=chunk_size,
-                             options=options, blend=blend, callback=relay.next_run(), learn_sigma=ddpm.learn_sigma)
+                             options=options, blend=blend, callback=relay.next_run(), learn_sigma=ddpm.learn_sigma,
+                             free_memory=free_memory)
         outputs.append(stitch_back(image, result.images, full_mask, box, feather=spec.feather))
         edits.append(result.images)
         masks.append(crop_mask.expand(samples, -1, -1, -1))
@@ -178,6 +180,9 @@ def blended_edit(ddpm: Any, clip: Any, image: torch.Tensor, mask: torch.Tensor, 
         raise ValueError("prompt is empty: Blended Diffusion needs a text describing the edit")
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"image must be [1,3,H,W], got {tuple(image.shape)} (edit one image per call)")
+    check_model_range(image, "image")
+    if top_k is not None and top_k < 1:  # before sampling, not after it
+        raise ValueError(f"top_k must be >= 1 (or None for all samples), got {top_k}")
     spec = BlendSpec(mask, blend_mode, enforce, crop_margin, feather, invert_mask)
     terms = blended_guidance(clip, prompt, None, lambda_clip=lambda_clip, lambda_range=lambda_range,
                              background_preservation=background_preservation, lambda_lpips=lambda_lpips,

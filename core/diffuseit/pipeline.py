@@ -19,7 +19,7 @@ from ..diffusion.batching import sample_many
 from ..diffusion.guided_loop import GuidedResult, GuidedSamplerOptions
 from ..diffusion.range import RESTART_THRESHOLD, RangeLoss
 from ..diffusion.schedule import DiffusionSchedule
-from ..io import model_size_for, resize_to
+from ..io import check_model_range, model_size_for, resize_to
 from .dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
 
@@ -104,6 +104,7 @@ def _model_source(source: torch.Tensor, ddpm: Any, keep_aspect: bool, upscale_to
     """
     if source.dim() != 4 or source.shape[1] != 3:
         raise ValueError(f"source must be [B,3,H,W] in [-1,1], got {tuple(source.shape)}")
+    check_model_range(source, "source")
     size = ddpm.image_size
     target = model_size_for(tuple(source.shape[-2:]), size, ddpm.size_multiple) if keep_aspect else (size, size)
     if tuple(source.shape[-2:]) == target:
@@ -148,6 +149,7 @@ def diffuseit_image(ddpm: Any, dino: Any, source: torch.Tensor, style: torch.Ten
     :func:`diffuseit_text`; colour matching runs on the sampled size, before any upscaling."""
     settings = _settings(preset, overrides)
     model_source = _model_source(source, ddpm, keep_aspect, upscale_to_source)
+    check_model_range(style, "style")
     terms = diffuseit_guidance(dino, settings, style_image=style)
     result = sample_many(ddpm.unet, ddpm.schedule(settings.respacing), model_source, terms, samples_per_image=samples,
                          seed=seed, chunk_size=chunk_size, options=sampler_options(settings), callback=callback,

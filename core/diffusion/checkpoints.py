@@ -431,6 +431,7 @@ def load_ddpm(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *, dt
             raise CheckpointError(f"{where}: {exc}. Pass the right head layout, e.g. num_head_channels=... "
                                   "or num_head_channels=-1 with num_heads=...") from None
         tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+        _check_finite(tensors, where)
         try:
             unet.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as exc:
@@ -445,6 +446,16 @@ def load_ddpm(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]], *, dt
     return DDPM(unet=unet, config=cfg, diffusion_steps=int(flags["diffusion_steps"]),
                 noise_schedule=flags["noise_schedule"], learn_sigma=flags["learn_sigma"],
                 source=where, flags=flags, preset=preset, assumed=assumed)
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """A checkpoint with NaN/inf weights samples black images; refuse it at load time, naming it."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and v.device.type != "meta"
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN/inf weights in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): the file is damaged or was saved from a "
+                              "diverged training run; re-download it")
 
 
 def parse_flags(text: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ MODEL_OUTPUT = "<model output>"  # the name under which the diffusion model's ow
 
 
 class GuidanceError(RuntimeError):
-    """A guidance loss or its gradient stopped being finite."""
+    """A guidance loss, its gradient or the diffusion model's output stopped being finite."""
 
 
 class FiniteWatch:

@@ -156,4 +156,10 @@ def sample(unet: torch.nn.Module, schedule: DiffusionSchedule, shape: Sequence[i
         if callback is not None:
             callback({"i": i, "total": len(indices), "t_index": k, "t": int(schedule.timestep_map[k]),
                       "x": x, "predicted_x0": x0})
+    if x.device.type != "meta" and not bool(torch.isfinite(x).all()):  # one read-back, after the loop
+        from .finite_watch import GuidanceError
+
+        model = getattr(unet, "source_file", "")
+        raise GuidanceError(f"the diffusion model's output{f' ({model})' if model else ''} is NaN/inf: the checkpoint "
+                            "may hold NaN/inf weights, or a fp16/bf16 UNet overflowed (use fp32)")
     return x

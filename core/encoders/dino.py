@@ -186,15 +186,30 @@ _REQUIRED = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn
 
 
 def _sidecar_num_heads(path: Path) -> Optional[int]:
-    """``num_heads`` from ``<stem>_config.json`` next to the weights (heads are not in shapes)."""
+    """``num_heads`` from ``<stem>_config.json`` next to the weights (heads are not in shapes). A sidecar
+    that names a ``sha256`` applies to that file only: the tiny test models' sidecar must not give a real
+    ViT-B/8 saved later under the same name 2 heads."""
     side = path.with_name(path.name.split(".")[0] + "_config.json")
     if side.is_file():
         try:
-            value = json.loads(side.read_text()).get("num_heads")
-        except (OSError, ValueError):
+            config = json.loads(side.read_text())
+            value = config.get("num_heads")
+        except (OSError, ValueError, AttributeError):
             return None
+        if config.get("sha256") and config["sha256"] != _sha256(path):
+            return None  # written for another file of this name
         return int(value) if value else None
     return None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def infer_dino_config(sd: StateDict, num_heads: Optional[int] = None) -> DINOViTConfig:

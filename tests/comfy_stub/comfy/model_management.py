@@ -44,3 +44,15 @@ def soft_empty_cache(force=False):
 
 def should_use_fp16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
     return False
+
+
+free_memory_bytes = None  # tests set a number; None = the machine's available memory, as ComfyUI on a CPU
+
+
+def get_free_memory(dev=None, torch_free_too=False):
+    """ComfyUI's signature; on a CPU it returns psutil's available memory (read here from /proc/meminfo)."""
+    free = free_memory_bytes
+    if free is None:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return (free, free) if torch_free_too else free
