@@ -10,6 +10,7 @@ from core.diffusion.guidance import StepContext, noise_mixed_input
 from core.diffusion.schedule import DiffusionSchedule
 from core.latent import GuidanceBand
 from core.latent.model_guidance import DenoiserCall, LatentGuidanceError, LatentGuide
+from test_guided import Poison
 from test_x0_guidance import toy_decoder
 
 SIGMAS = torch.tensor([14.6, 6.0, 2.5, 1.0, 0.4, 0.0])
@@ -130,8 +131,11 @@ def test_band_outside_returns_x0_itself_and_nan_names_the_step():
     assert guide(call(x0, SIGMAS[3])) is not x0
     bad = x0.clone()
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(GuidanceError, match=r"sampler step 4 of 5 \(sigma 1\).*recorder"):
+    with pytest.raises(GuidanceError, match=r"sampler step 4 of 5 \(sigma 1\).*x0 prediction was already NaN/inf"):
         guide(call(bad, SIGMAS[3]))
+    poisoned = LatentGuide([Recorder(), Poison()], toy_decoder(), torch.zeros(1, 3, 16, 16), strength=0.5)
+    with pytest.raises(GuidanceError, match=r"sampler step 2 of 5 \(sigma 6\): loss term\(s\) poison became NaN"):
+        poisoned(call(x0, SIGMAS[1]))
 
 
 def test_runs_on_inference_tensors_inside_inference_mode_as_comfyui_calls_it():
