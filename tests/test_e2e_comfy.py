@@ -183,7 +183,7 @@ def test_workflow_runs_end_to_end(server, path):
         assert result.previews >= 1, "no preview image arrived over /ws"
 
 
-DDPM_WORKFLOW = os.path.join(ROOT, "workflows", "ddpm_resample.json")
+DDPM_WORKFLOW = os.path.join(ROOT, "workflows", "DDPM reconstruction (checkpoint check).json")
 
 
 def test_cancel_stops_a_run_and_the_next_run_succeeds(server):
@@ -222,7 +222,7 @@ def test_same_seed_gives_identical_images(server):
     assert [pixels(png) for png in server.images(other)] != outputs[0], "a different seed gave the same pixels"
 
 
-DIFFUSEIT_WORKFLOW = os.path.join(ROOT, "workflows", "diffuseit_text.json")
+DIFFUSEIT_WORKFLOW = os.path.join(ROOT, "workflows", "DiffuseIT text-guided translation.json")
 
 
 def test_progress_ends_full_with_range_restarts(server):
