@@ -18,6 +18,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 
 import pytest
 
@@ -132,16 +133,34 @@ def test_every_input_has_a_tooltip(server):
 
 
 def test_workflows_are_served_as_templates(server):
-    """ComfyUI's template browser lists the pack's workflows and loads each one. ComfyUI serves the first
-    existing folder of example_workflows, example, examples, workflow, workflows under one URL prefix, so
-    no example/examples folder may exist beside workflows/ (the sample pictures live in assets/)."""
+    """ComfyUI's template browser lists the pack's workflows and loads each one with its thumbnail (the
+    frontend asks for ``<name>.jpg`` beside ``<name>.json``). ComfyUI lists the files of every folder named
+    example_workflows, example, examples, workflow or workflows but serves only the first that exists, so
+    workflows/ is the only one (tests/test_workflow_thumbnails.py)."""
     status, listing = server.request("/workflow_templates")
     assert status == 200 and sorted(listing.get(server.pack_folder, [])) == sorted(
         os.path.basename(p)[:-5] for p in WORKFLOWS), listing
     for path in WORKFLOWS:
-        status, served = server.request(f"/api/workflow_templates/{server.pack_folder}/{os.path.basename(path)}")
+        url = f"/api/workflow_templates/{server.pack_folder}/{urllib.parse.quote(os.path.basename(path)[:-5])}"
+        status, served = server.request(url + ".json")
         with open(path) as f:
             assert status == 200 and served == json.load(f), f"{os.path.basename(path)}: HTTP {status}"
+        status, content_type, picture = server.request_bytes(url + ".jpg")
+        with open(path[:-5] + ".jpg", "rb") as f:
+            assert (status, content_type) == (200, "image/jpeg") and picture == f.read(), f"{url}.jpg: HTTP {status}"
+
+
+def test_workflow_geometry_with_the_servers_definitions(server):
+    """The saved geometry also passes with the node definitions the real server reports (its /object_info),
+    and the core-node table the offline geometry test uses is what this server defines."""
+    from workflow_geometry import CORE_NODES, check_workflow_file, specs_from_object_info
+
+    live = specs_from_object_info(server.object_info())
+    frontend_only = {"Note", "MarkdownNote"}
+    assert {t: live.get(t) for t in CORE_NODES if t not in frontend_only} == {
+        t: spec for t, spec in CORE_NODES.items() if t not in frontend_only}
+    problems = [p for path in WORKFLOWS for p in check_workflow_file(path, {**CORE_NODES, **live})]
+    assert not problems, "\n".join(problems)
 
 
 def test_core_ui_workflow_converts_and_runs(server):

@@ -371,6 +371,14 @@ class ComfyServer:
         except ValueError:
             return status, body.decode("utf-8", "replace")
 
+    def request_bytes(self, path: str, timeout: float = 60.0) -> tuple[int, str, bytes]:
+        """GET ``path`` as raw bytes (pictures): status, Content-Type, body."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status, resp.headers.get_content_type(), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get_content_type(), exc.read()
+
     def object_info(self, refresh: bool = False) -> dict:
         if self._object_info is None or refresh:
             status, body = self.request("/object_info", timeout=120)
