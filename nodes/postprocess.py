@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..core.diffuseit.pipeline import match_colors
 from ..core.io import from_model, to_model
+from .schema_features import schema
 
 CATEGORY = "DiffuseIT-Blended/sampling"
 
@@ -17,8 +18,9 @@ CATEGORY = "DiffuseIT-Blended/sampling"
 class ColorMatch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ColorMatchMKL", display_name="Color Match (MKL)", category=CATEGORY,
+            search_aliases=["DiffuseIT", "color transfer", "colour match"],
             description="Maps each image's colour distribution (RGB mean and covariance) onto the reference's with "
                         "the Monge-Kantorovich linear transfer, as the official DiffuseIT image-guided command does "
                         "(--use_colormatch) with the style image as reference.",
