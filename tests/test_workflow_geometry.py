@@ -87,3 +87,13 @@ def test_overlaps_and_unknown_types_are_reported(specs):
     assert geometry_problems(side_by_side, specs) == []
     assert side_by_side["nodes"][1]["pos"] == [420, 180]  # moved right past a (+ 20 px gap), not down
 
+
+
+def test_a_title_given_in_the_workflow_sets_the_width(specs):
+    """The frontend measures the title the node shows, which the user may have renamed (1.32.9 measured a
+    renamed Note 280 px wide where its plain title needs 215)."""
+    spec = specs["RangeLoss"]
+    long_title = "x" * 40
+    assert minimum_size(spec, long_title)[0] == round(30 + 40 * 0.6 * 14 + 30 * 0.33 + 0.5) > minimum_size(spec)[0]
+    node = {"id": 1, "type": "RangeLoss", "pos": [0, 0], "size": list(minimum_size(spec)), "title": long_title}
+    assert "smaller than" in geometry_problems({"nodes": [node]}, specs)[0]

@@ -13,8 +13,9 @@ The rule (sizes exclude the 30 px title bar, which LiteGraph draws above ``pos``
   (NODE_WIDGET_HEIGHT), a multiline text box 50 px (the DOM widget's minimum), an image-upload combo
   adds an upload button (20 px) and a 220 px picture preview (the frontend's image preview minimum);
   a seed with ``control_after_generate`` adds that combo.
-* width = the largest of: title (30 + text + 9.9), socket labels (inputs + outputs + 2 * 20 + 5),
-  widget labels (text + 42 + 2 * (15 + 6 + 10)), and 140 px (210 px with widgets).
+* width = the largest of: title (30 + text + 9.9; a title the user gave the node counts), socket labels
+  (inputs + outputs + 2 * 20 + 5), widget labels (text + 42 + 2 * (15 + 6 + 10); the upload button's
+  caption "choose file to upload" counts as one), and 140 px (210 px with widgets).
   Text is ``0.6 * 14 px`` per character, LiteGraph's own estimate when it cannot measure (wider than
   real Arial glyphs, so it errs on the large side).
 
@@ -107,8 +108,12 @@ def text_width(text: str) -> float:
     return TEXT_PX_PER_CHAR * len(text)
 
 
-def minimum_size(spec: NodeSpec) -> tuple[int, int]:
-    """LiteGraph's computeSize() for a node of this spec (see the module docstring), rounded up."""
+UPLOAD_CAPTION = "choose file to upload"
+
+
+def minimum_size(spec: NodeSpec, title: str | None = None) -> tuple[int, int]:
+    """LiteGraph's computeSize() for a node of this spec (see the module docstring), rounded up; ``title``
+    is the node's own title when the workflow gives it one."""
     rows = max(len(spec.sockets), len(spec.outputs), 1)
     height = rows * SLOT_HEIGHT
     if spec.widgets:
@@ -124,9 +129,10 @@ def minimum_size(spec: NodeSpec) -> tuple[int, int]:
     inputs_w = max((text_width(s) for s in spec.sockets), default=0)
     outputs_w = max((text_width(s) for s in spec.outputs), default=0)
     slots_w = inputs_w + outputs_w + 2 * SLOT_HEIGHT + (5 if inputs_w and outputs_w else 0)
-    widget_labels = max((text_width(n) for n, _ in spec.widgets), default=0)
+    labels = [n for n, _ in spec.widgets] + [UPLOAD_CAPTION for _, kind in spec.widgets if kind == IMAGE_UPLOAD]
+    widget_labels = max((text_width(n) for n in labels), default=0)
     widgets_w = widget_labels + WIDGET_PADDING if widget_labels else 0
-    title_w = TITLE_HEIGHT + text_width(spec.title) + TITLE_HEIGHT * 0.33
+    title_w = TITLE_HEIGHT + text_width(title or spec.title) + TITLE_HEIGHT * 0.33
     width = max(slots_w, widgets_w, title_w, NODE_WIDTH * (1.5 if spec.widgets else 1))
     return math.ceil(width), math.ceil(height)
 
@@ -222,7 +228,7 @@ def geometry_problems(workflow: dict, specs: dict[str, NodeSpec]) -> list[str]:
             continue
         if (node.get("flags") or {}).get("collapsed"):
             continue
-        need_w, need_h = minimum_size(spec)
+        need_w, need_h = minimum_size(spec, node.get("title"))
         w, h = node["size"][0], node["size"][1]
         if w < need_w or h < need_h:
             problems.append(f"{_label(node)}: size {w}x{h} is smaller than the {need_w}x{need_h} its "
@@ -249,7 +255,7 @@ def fit_workflow(workflow: dict, specs: dict[str, NodeSpec]) -> dict:
     for node in nodes:
         spec = specs.get(node["type"])
         if spec is not None and not (node.get("flags") or {}).get("collapsed"):
-            need_w, need_h = minimum_size(spec)
+            need_w, need_h = minimum_size(spec, node.get("title"))
             node["size"] = [max(node["size"][0], need_w), max(node["size"][1], need_h)]
     for _ in range(10_000):
         ordered = sorted(nodes, key=lambda n: (n["pos"][0], n["pos"][1]))
