@@ -186,6 +186,7 @@ class RunResult:
     cached: list = field(default_factory=list)  # node ids reported as cached
     error: Optional[dict] = None  # execution_error data
     history: dict = field(default_factory=dict)  # /history/<id> entry
+    ws_finished: bool = False  # the run's last event (success / error / interrupted) came over /ws
 
     def progress_of(self, node_id: str) -> list:
         return [p for p in self.progress if str(p.get("node")) == str(node_id)]
@@ -445,6 +446,7 @@ class ComfyServer:
                 entry = self.history(prompt_id)
                 if entry and (entry.get("status") or {}).get("completed") is not None:
                     result.status = "success" if entry["status"].get("status_str") == "success" else "error"
+                    self._drain(result, on_progress)
         result.seconds = time.monotonic() - t0
         for _ in range(40):
             entry = self.history(prompt_id)
@@ -459,6 +461,15 @@ class ComfyServer:
                 elif kind == "execution_interrupted":
                     result.status = "interrupted"
         return result
+
+    def _drain(self, result: RunResult, on_progress, seconds: float = 10.0) -> None:
+        """After /history says the run is over, read what /ws still has in flight (a loaded machine's
+        server can record the result before it has sent the last progress events) up to the final event."""
+        deadline = time.monotonic() + seconds
+        while not result.ws_finished and time.monotonic() < deadline and self.ws is not None and not self.ws.closed:
+            message = self.ws.recv(0.5)
+            if message is not None:
+                self._handle(message, result, on_progress)
 
     def _handle(self, message: tuple[int, bytes], result: RunResult, on_progress) -> None:
         opcode, payload = message
@@ -490,11 +501,11 @@ class ComfyServer:
         elif kind == "execution_cached":
             result.cached.extend(str(n) for n in data.get("nodes") or [])
         elif kind == "execution_error":
-            result.status, result.error = "error", data
+            result.status, result.error, result.ws_finished = "error", data, True
         elif kind == "execution_interrupted":
-            result.status = "interrupted"
+            result.status, result.ws_finished = "interrupted", True
         elif kind == "execution_success":
-            result.status = "success"
+            result.status, result.ws_finished = "success", True
 
     def run(self, prompt: dict, timeout: float = 300.0, on_progress=None) -> RunResult:
         return self.wait(self.submit(prompt), timeout, on_progress)
