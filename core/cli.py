@@ -192,6 +192,7 @@ def cmd_diffuseit_image(args: argparse.Namespace) -> int:
 
 def cmd_blended(args: argparse.Namespace) -> int:
     from .blended import blended_edit
+    from .blended.rank_criteria import CRITERIA_PRESETS
     from .io import load_mask_file
 
     device = args.device or default_device()
@@ -201,16 +202,21 @@ def cmd_blended(args: argparse.Namespace) -> int:
     clip = _clip_models(args, [args.clip_model], device)[0]
     result = blended_edit(ddpm, clip, image, mask, args.prompt, samples=args.samples, seed=args.seed,
                           skip_timesteps=args.skip_timesteps, respacing=args.respacing, chunk_size=args.chunk_size,
-                          invert_mask=args.invert_mask, top_k=args.top_k, callback=tqdm_callback("Blended Diffusion"))
-    for path, score in zip(save_image(result.images, args.out), result.scores.tolist()):
-        print(f"{path}\tclip_distance={score:.4f}")
+                          invert_mask=args.invert_mask, top_k=args.top_k, callback=tqdm_callback("Blended Diffusion"),
+                          rank_criteria=CRITERIA_PRESETS[args.rank_criteria])
+    for k, (path, score) in enumerate(zip(save_image(result.images, args.out), result.scores.tolist())):
+        if args.rank_criteria == "paper":
+            print(f"{path}\tclip_distance={score:.4f}")
+        else:  # the weighted total, then each component
+            parts = "\t".join(f"{name}={float(value[k]):.4f}" for name, value in result.components.items())
+            print(f"{path}\tscore={score:.4f}\t{parts}")
     return 0
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> int:
     from .tiny_models import write_tiny_models
 
-    for folder, path in write_tiny_models(args.dir).items():
+    for folder, path in write_tiny_models(args.dir, sd15=args.sd15, seed=args.seed).items():
         print(f"{folder}: {path}")
     return 0
 
@@ -282,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-timesteps", dest="skip_timesteps", type=int, default=25)
     p.add_argument("--respacing", default="100")
     p.add_argument("--top-k", type=int, default=None, help="keep the best k (default: all, ranked)")
+    p.add_argument("--rank-criteria", dest="rank_criteria", choices=["paper", "improved"], default="paper",
+                   help="paper: masked CLIP distance (default); improved: + whole view, typography penalty, seam "
+                        "(README, CLIP Rank)")
     p.add_argument("--out", default="outputs/blended.png")
     p.set_defaults(func=cmd_blended)
 
@@ -301,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-models", help="write tiny random checkpoints (real formats and names) for offline tests")
     p.add_argument("dir", help="models folder to fill")
+    p.add_argument("--sd15", action="store_true",
+                   help="also write checkpoints/tiny_sd15.safetensors, a random SD1.5-layout checkpoint for Load "
+                        "Checkpoint (465 MB: full-size VAE and CLIP-L, tiny UNet)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the SD1.5 checkpoint's weights (default 0)")
     p.set_defaults(func=cmd_tiny_models)
     return parser
 

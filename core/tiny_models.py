@@ -28,7 +28,10 @@ In memory (no files): ``tiny_preset_run(method, batch)`` builds a whole guided r
 the preset's terms, schedule, options and background blend -- for tests of the step loop;
 ``preset_terms`` is the model-agnostic half the benchmarks (``bench/bench_guided.py``) share.
 
-CLI: ``python -m core.tiny_models DIR`` (the lead may expose it as ``core.cli tiny-models DIR``).
+ComfyUI's own formats (an SD1.5 checkpoint for Load Checkpoint, TAESD encoder/decoder pairs in
+``vae_approx``) are written by :mod:`core.tiny_sd`; ``write_tiny_models`` calls it.
+
+CLI: ``python -m core.cli tiny-models DIR [--sd15]`` (or ``python -m core.tiny_models DIR``).
 """
 
 from __future__ import annotations
@@ -168,13 +171,18 @@ def write_tiny_taesd(folder: PathLike, name: str = TAESD_FILE, seed: int = 4, la
 
 
 def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = True,
-                      lpips: bool = True, taesd: bool = True) -> dict[str, Path]:
-    """Write tiny checkpoints into ``models_dir/<pack folder>/``; returns {folder: written file}.
+                      lpips: bool = True, taesd: bool = True, sd15: bool = False, seed: int = 0) -> dict[str, Path]:
+    """Write tiny checkpoints into ``models_dir/<folder>/``; returns {folder: written file}.
 
     ``models_dir`` is a ComfyUI models directory (or the ``base_path`` of an extra_model_paths.yaml
     entry). DINO and CLIP need timm / open_clip; pass ``dino=False`` / ``clip=False`` /
-    ``lpips=False`` to skip a folder.
+    ``lpips=False`` to skip a folder. ``vae_approx`` gets TAESD encoder + decoder pairs of all four
+    families (``core.tiny_sd.write_tiny_vae_approx``; the returned path is ``taesd_decoder``).
+    ``sd15=True`` also writes ``checkpoints/tiny_sd15.safetensors`` (465 MB, so opt-in; seeded by
+    ``seed``; see ``core.tiny_sd``).
     """
+    if sd15 and (not isinstance(seed, int) or seed < 0):  # before anything is written
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     root = Path(models_dir)
     written = {"guided_diffusion": write_tiny_ddpm(root / "guided_diffusion")}
     if dino:
@@ -184,7 +192,13 @@ def write_tiny_models(models_dir: PathLike, *, dino: bool = True, clip: bool = T
     if lpips:
         written["lpips"] = write_tiny_lpips(root / "lpips")
     if taesd:
-        written["vae_approx"] = write_tiny_taesd(root / "vae_approx")
+        from .tiny_sd import write_tiny_vae_approx
+
+        written["vae_approx"] = write_tiny_vae_approx(root / "vae_approx")[0]
+    if sd15:
+        from .tiny_sd import SD15_FOLDER, write_tiny_sd15
+
+        written[SD15_FOLDER] = write_tiny_sd15(root / SD15_FOLDER, seed=seed)
     return written
 
 

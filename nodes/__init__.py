@@ -6,12 +6,14 @@ from . import comfy_bridge
 from .blending import BackgroundBlend
 from .guidance import NODES as GUIDANCE_NODES
 from .loaders import LoadCLIPGuidance, LoadDDPM, LoadDINO, LoadLPIPS
-from .postprocess import ColorMatch
+from .model_guidance import ApplyGuidanceToModel
+from .postprocess import ColorMatch, PasteIntoSource
 from .ranking import CLIPRank
 from .sampling import GuidedSampler
 
 NODES: list[type[io.ComfyNode]] = [LoadDDPM, LoadDINO, LoadCLIPGuidance, LoadLPIPS, *GUIDANCE_NODES, BackgroundBlend,
-                                   GuidedSampler, CLIPRank, ColorMatch]
+                                   GuidedSampler, ApplyGuidanceToModel, CLIPRank, ColorMatch,
+                                   PasteIntoSource]
 
 
 class DiffuseITBlendedExtension(ComfyExtension):

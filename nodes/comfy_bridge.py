@@ -176,3 +176,43 @@ def interrupted() -> None:
     import comfy.model_management as mm
 
     mm.throw_exception_if_processing_interrupted()
+
+
+# ------------------------------------------------------------------ guiding ComfyUI's own models
+
+
+def latent_format(model: Any) -> Any:
+    """The MODEL's latent format (scale/shift, channel count, its TAESD decoder's name)."""
+    return model.get_model_object("latent_format")
+
+
+def state_scales(model_sampling: Any, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` of the sampler state ``x = a x0 + b eps`` at ``sigma``: flow models (CONST: SD3, Flux,
+    ModelSamplingSD3/AuraFlow patches) interpolate, ``a = 1 - sigma``; eps and v models add noise, ``a = 1``."""
+    import comfy.model_sampling
+
+    sigma = sigma.reshape(-1).float()
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return 1.0 - sigma, sigma
+    return torch.ones_like(sigma), sigma
+
+
+def vae_decoder(vae: Any, model_latent_format: Any):
+    """A differentiable model-latent -> RGB [-1, 1] map through a ComfyUI VAE (full VAE or core's TAESD
+    "VAE"): ``first_stage_model.decode(process_out(x0))``, not ``VAE.decode`` (which preallocates its
+    output and may fall back to tiling). Returns (decode, module, patcher)."""
+    module = vae.first_stage_model
+
+    def decode(latent: torch.Tensor) -> torch.Tensor:
+        raw = model_latent_format.process_out(latent)
+        return module.decode(raw.to(device=vae.device, dtype=vae.vae_dtype)).float().to(latent.device)
+    return decode, module, vae.patcher
+
+
+def vae_latent_channels(vae: Any) -> int:
+    return int(getattr(vae, "latent_channels", 4))
+
+
+def current_device_models(models: list) -> list:
+    """The ComfyUI patchers of the pack's managed models (for ``set_additional_models``)."""
+    return [m.patcher for m in models]

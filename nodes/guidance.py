@@ -110,7 +110,9 @@ class SemanticDivergenceNode(io.ComfyNode):
                 _weight("lambda_dir_cls", 100.0, "Weight of the semantic divergence loss (official 100)."),
                 io.Int.Input("diff_iter", default=50, min=0, max=10000,
                              tooltip="Active while the respaced index t > diff_iter: 50 for the text command "
-                                     "(respacing 100), 100 for the image command (respacing 200)."),
+                                     "(respacing 100), 100 for the image command (respacing 200). Under KSampler (Apply "
+                                     "Guidance to Model) it counts in a 100-step schedule: active while the noise "
+                                     "level is above upstream's at index diff_iter of 100 (50 = the official point)."),
                 advanced(io.Boolean.Input, "noise_mix", default=True,
                          tooltip="Score the noise-mixed x0 (--use_noise_aug_all)."),
                 _guidance_in(),

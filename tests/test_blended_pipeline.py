@@ -114,3 +114,23 @@ def test_bad_inputs(ddpm, clip):
     with pytest.raises(ValueError, match="batch"):
         blended_sample(ddpm, torch.cat([image, image, image]), BlendSpec(torch.ones(2, 1, 40, 72)), (),
                        respacing="10", options=GuidedSamplerOptions(skip_timesteps=5))
+
+
+def test_blended_edit_ranks_by_the_given_criteria(ddpm, clip):
+    from core.blended.rank_criteria import COMPONENTS, IMPROVED_CRITERIA, PAPER_CRITERIA
+    image, mask = image_and_mask()
+    run = dict(samples=3, seed=4, respacing="10", skip_timesteps=5, n_cuts=2)
+    paper = blended_edit(ddpm, clip, image, mask, "a red ball", **run)
+    assert list(paper.components) == ["masked_prompt"]
+    assert torch.equal(paper.components["masked_prompt"], paper.scores)
+    explicit = blended_edit(ddpm, clip, image, mask, "a red ball", rank_criteria=PAPER_CRITERIA, **run)
+    assert torch.equal(explicit.scores, paper.scores) and torch.equal(explicit.order, paper.order)
+    improved = blended_edit(ddpm, clip, image, mask, "a red ball", rank_criteria=IMPROVED_CRITERIA, top_k=2, **run)
+    parts = improved.components
+    assert list(parts) == list(COMPONENTS) and all(v.shape == (2,) for v in parts.values())
+    total = sum(getattr(IMPROVED_CRITERIA, name) * parts[name] for name in COMPONENTS)
+    assert torch.allclose(improved.scores, total, rtol=0, atol=float32_atol(total, 8))
+    assert improved.scores[0] <= improved.scores[1]
+    # the same samples (same seed): the masked distances are the paper's, only the order may differ
+    by_index = dict(zip(paper.order.tolist(), paper.scores.tolist()))
+    assert [by_index[i] for i in improved.order.tolist()] == parts["masked_prompt"].tolist()

@@ -142,3 +142,30 @@ def test_blended_mask_is_the_red_channel(tmp_path, capsys):
     keep = np.ones((64, 64), dtype=bool)
     keep[8:24, 8:24] = False
     assert (out[keep] == source[keep]).all()
+
+
+def test_blended_rank_criteria_improved_prints_every_component(tmp_path, capsys):
+    import numpy as np
+
+    from core.blended.rank_criteria import COMPONENTS, IMPROVED_CRITERIA
+    from core.cli import main
+    from core.tiny_models import write_tiny_models
+
+    models = tmp_path / "models"
+    write_tiny_models(models, dino=False, lpips=False)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    mask = np.zeros((48, 64, 3), dtype=np.uint8)
+    mask[12:36, 16:48, 0] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    ckpt = models / "guided_diffusion" / "256x256_diffusion_uncond.pt"
+    code = main(["blended", "--models", str(models), "--ckpt", str(ckpt),
+                 "--clip-model", "tiny-clip-vit", "--device", "cpu", "--respacing", "10", "--skip-timesteps", "8",
+                 "--samples", "2", "--rank-criteria", "improved", "--image", str(tmp_path / "image.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--prompt", "a red ball", "--out", str(tmp_path / "edit.png")])
+    assert code == 0
+    rows = [dict(field.split("=") for field in line.split("\t")[1:]) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and [list(row) for row in rows] == [["score", *COMPONENTS]] * 2
+    for row in rows:  # printed to 4 decimals: the total of the rounded parts is within 5e-5 per weighted term
+        total = sum(getattr(IMPROVED_CRITERIA, name) * float(row[name]) for name in COMPONENTS)
+        assert abs(float(row["score"]) - total) <= 5e-5 * (1 + sum(IMPROVED_CRITERIA.weights().values()))
+    assert float(rows[0]["score"]) <= float(rows[1]["score"])

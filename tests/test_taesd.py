@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from conftest import fixture_path
 from core.encoders.taesd import (LATENT_FORMATS, TAESDCheckpointError, TAESDDecoder, load_taesd_decoder,
-                                 taesd_decoder_module)
+                                 taesd_decoder_module, taesd_encoder_module)
 from core.tiny_models import write_tiny_taesd
 
 with open(fixture_path("comfy", "taesd_state_dict_layout.json")) as f:
@@ -20,6 +20,14 @@ def test_decoder_keys_and_shapes_are_comfyuis(channels):
     expected = {k: tuple(v) for k, v in LAYOUT[str(channels)]["decoder"].items()}
     ours = {k: tuple(v.shape) for k, v in taesd_decoder_module(channels).state_dict().items()}
     assert ours == expected
+
+
+@pytest.mark.parametrize("channels", sorted(int(c) for c in LAYOUT))
+def test_encoder_keys_and_shapes_are_comfyuis(channels):
+    expected = {k: tuple(v) for k, v in LAYOUT[str(channels)]["encoder"].items()}
+    module = taesd_encoder_module(channels)
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == expected
+    assert module(torch.zeros(1, 3, 64, 64)).shape == (1, channels, 8, 8)  # three stride-2 stages
 
 
 def test_a_file_in_comfyuis_layout_loads_and_decodes_differentiably(tmp_path):

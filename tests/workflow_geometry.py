@@ -90,6 +90,7 @@ CORE_NODES: dict[str, NodeSpec] = {
     "VAEEncodeForInpaint": NodeSpec("VAE Encode (for Inpainting)", ["pixels", "vae", "mask"], ["LATENT"],
                                     _w("grow_mask_by")),
     "EmptyLatentImage": NodeSpec("Empty Latent Image", [], ["LATENT"], _w("width", "height", "batch_size")),
+    "RepeatLatentBatch": NodeSpec("Repeat Latent Batch", ["samples"], ["LATENT"], _w("amount")),
     "SetLatentNoiseMask": NodeSpec("Set Latent Noise Mask", ["samples", "mask"], ["LATENT"]),
     "InpaintModelConditioning": NodeSpec("InpaintModelConditioning", ["positive", "negative", "vae", "pixels", "mask"],
                                          ["positive", "negative", "latent"], _w("noise_mask")),

@@ -126,3 +126,31 @@ def stitch_back(full: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor, bo
     wr = weight[..., t:b, l:r]
     out[..., t:b, l:r] = torch.where(wr > 0, region * (1 - wr) + patch * wr, region)
     return out
+
+
+def paste_into_source(source: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor, feather: int = 0) -> torch.Tensor:
+    """The final step of a latent-model edit: the edited images inside the mask, the source's own pixels
+    outside it (a latent model's VAE round trip changes every pixel; Blended Latent Diffusion pastes the
+    original background back). Works in the value range the inputs share (ComfyUI's [0, 1] or the pack's
+    [-1, 1]).
+
+    ``source`` ``(1|B, C, H, W)``; ``edited`` ``(B, C, h, w)``, resized to the source's size when the VAE
+    cropped it to a multiple of 8 (bicubic, antialias, clamped to the source's range); ``mask``
+    ``(1|B, 1, H', W')`` with 1 = edited, resized to the source's size (bilinear, soft). The paste weight
+    is :func:`stitch_weight` (``feather`` ramps it *inside* the mask), so every pixel where the mask is 0
+    is the source's, unchanged.
+    """
+    h, w = source.shape[-2:]
+    if edited.shape[-2:] != (h, w):
+        low, high = float(source.min()), float(source.max())
+        edited = F.interpolate(edited.float(), size=(h, w), mode="bicubic", antialias=True,
+                               align_corners=False).clamp(min(low, 0.0), max(high, 1.0)).to(source.dtype)
+    if mask.shape[-2:] != (h, w):
+        mask = resize_mask(mask.float(), h, w, soft=True)
+    weight = stitch_weight(mask.float().clamp(0, 1), feather).to(source.dtype)
+    batch = max(source.shape[0], edited.shape[0], weight.shape[0])
+    for name, t in (("source", source), ("edited", edited), ("mask", weight)):
+        if t.shape[0] not in (1, batch):
+            raise ValueError(f"{name} has {t.shape[0]} images; give 1 or {batch} (the batch being pasted)")
+    full = source.expand(batch, *source.shape[1:])
+    return torch.where(weight > 0, full * (1 - weight) + edited.to(source.dtype) * weight, full)

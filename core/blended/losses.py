@@ -139,6 +139,8 @@ class MaskedCLIPLoss:
     An empty prompt contributes 0 (upstream returns a zero gradient for it).
     """
 
+    needs_source = False  # scores x0 alone: guiding a latent model needs no source image
+
     clip: Any
     prompt: str
     mask: Optional[torch.Tensor] = None

@@ -19,19 +19,22 @@ from .blending import BLEND_MODES, BackgroundBlend
 from .geometry import extract_crop, plan_crop, stitch_back
 from .losses import blended_guidance
 from .masks import prepare_mask
+from .rank_criteria import RankingCriteria
 from .ranking import rank_results
 
 
 @dataclass
 class BlendedResult:
     """``images``: all edits in rank order (best first) at the input's full resolution, [-1, 1];
-    ``scores``: their CLIP distances (lower is better); ``order``: indices into the unranked batch;
-    ``edits``: the unranked model-resolution edits."""
+    ``scores``: their ranking scores (the CLIP distances under the paper's criteria; lower is better);
+    ``order``: indices into the unranked batch; ``edits``: the unranked model-resolution edits;
+    ``components``: each ranking component of the returned images (rank order)."""
 
     images: torch.Tensor
     scores: torch.Tensor
     order: torch.Tensor
     edits: torch.Tensor = field(repr=False, default=None)
+    components: Optional[dict] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,12 +154,14 @@ def blended_edit(ddpm: Any, clip: Any, image: torch.Tensor, mask: torch.Tensor, 
                  lpips_model: Optional[torch.nn.Module] = None, n_cuts: int = 8, blend_mode: str = "official",
                  enforce: bool = True, crop_margin: float = 0.25, feather: int = 0, chunk_size: int = 0,
                  faithful_rank: bool = False, invert_mask: bool = False, top_k: Optional[int] = None,
-                 callback: Optional[Callable[[dict], None]] = None) -> BlendedResult:
+                 callback: Optional[Callable[[dict], None]] = None,
+                 rank_criteria: Optional[RankingCriteria] = None) -> BlendedResult:
     """Edit the masked region of ``image`` ([1,3,H,W] in [-1,1], any size) towards ``prompt``.
 
     Defaults are the official ones (spec 2, 10): respacing "100", 25 skipped steps, CLIP weight 1000,
     range 50, 8 cutouts, background losses off. Every sample is returned, ranked by the unaugmented
-    masked CLIP distance of its model-resolution edit (``top_k`` keeps the best k).
+    masked CLIP distance of its model-resolution edit (``top_k`` keeps the best k), or by ``rank_criteria``
+    (:mod:`.rank_criteria`; default the paper's).
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt is empty: Blended Diffusion needs a text describing the edit")
@@ -169,7 +174,9 @@ def blended_edit(ddpm: Any, clip: Any, image: torch.Tensor, mask: torch.Tensor, 
     options = GuidedSamplerOptions(sampler=sampler, skip_timesteps=skip_timesteps, resample_steps=1)
     result = blended_sample(ddpm, image, spec, terms, samples=samples, seed=seed, respacing=respacing,
                             options=options, chunk_size=chunk_size, callback=callback)
-    ranking = rank_results(result.edits, result.masks, clip, prompt, faithful=faithful_rank, top_k=top_k)
+    ranking = rank_results(result.edits, result.masks, clip, prompt, faithful=faithful_rank, top_k=top_k,
+                           criteria=rank_criteria)
     keep = ranking.top_k.to(result.images.device)
     return BlendedResult(images=result.images[keep], scores=ranking.scores[ranking.top_k], order=ranking.top_k,
-                         edits=result.edits)
+                         edits=result.edits,
+                         components={name: value[ranking.top_k] for name, value in ranking.components.items()})

@@ -16,6 +16,7 @@ one DINO forward (cached in ``ctx.state.dino_features``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from ..encoders.dino import DINOExtractor, DINOFeatures
 from ..diffusion.guidance import StepContext, noise_mixed_input
-from ..diffusion.schedule import upstream_timestep_index
+from ..diffusion.schedule import DiffusionSchedule, upstream_timestep_index
 
 TAU = 0.07          # InfoNCE temperature, hard-coded upstream (§4.2)
 DIAGONAL_LOGIT = -10.0  # value written over the positive pair among the negatives (§4.2)
@@ -292,10 +293,27 @@ class _PreparedDivergence:
         # upstream sets prev <- x_in after every call, gated or not (§3.5 step 10); the [CLS] of
         # this x_in is exactly what the next call's no-grad forward of prev would produce
         self.prev_cls = feats.cls.detach().clone()  # not a view pinning the whole block output
-        index = (upstream_timestep_index(ctx.t, ctx.num_steps) if t.upstream_index_roundtrip
-                 else ctx.t_index).to(feats.cls.device)
         loss = t.lambda_dir_cls * dir_cls_loss(feats.cls, ref)
-        return torch.where(index > t.diff_iter, loss, torch.zeros_like(loss))
+        if ctx.schedule is None:  # a sampler without respaced indices: gate on the noise level instead
+            level = divergence_gate_level(t.diff_iter, t.diff_steps)
+            active = ctx.current_noise_level().to(feats.cls.device) > level
+        else:
+            index = (upstream_timestep_index(ctx.t, ctx.num_steps) if t.upstream_index_roundtrip
+                     else ctx.t_index).to(feats.cls.device)
+            active = index > t.diff_iter
+        return torch.where(active, loss, torch.zeros_like(loss))
+
+
+@functools.lru_cache(maxsize=32)
+def divergence_gate_level(diff_iter: int, diff_steps: int) -> float:
+    """The noise level ``sqrt(1 - abar)`` at respaced index ``diff_iter`` of upstream's linear 1000-step
+    schedule respaced to ``diff_steps``: where the gate ``index > diff_iter`` sits, as a noise level a
+    sampler without respaced indices can compare with (``ctx.noise_level``). Text preset: index 50 of
+    100 -> 0.962; the image preset's 100 of 200 -> 0.961, the same point."""
+    if diff_iter >= diff_steps:
+        return float("inf")  # index > diff_iter never holds
+    schedule = DiffusionSchedule.create(1000, "linear", str(diff_steps))
+    return float(schedule.sqrt_one_minus_alphas_cumprod[max(diff_iter, 0)])
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,7 +324,10 @@ class SemanticDivergence:
     ``diff_iter``, not the original timestep. Default uses ``ctx.t_index`` (exact);
     ``upstream_index_roundtrip=True`` reproduces the float round trip, off by one for some
     respacings (§9.2). Defaults: lambda 100, diff_iter 50 (text preset, T' = 100); the image
-    preset uses diff_iter 100 (T' = 200).
+    preset uses diff_iter 100 (T' = 200). Under a sampler without respaced indices (ComfyUI's
+    KSampler, ``core.latent``) the gate compares the step's noise level with the level upstream's
+    linear schedule has at index ``diff_iter`` of ``diff_steps`` (:func:`divergence_gate_level`): the
+    same point of the diffusion, whatever the sampler, scheduler or denoise.
 
     Reference ("prev", §9.6): upstream diverges from the previous guidance call's ``x_in``
     (noise-mixed), the source at the first call. The prepared term tracks this itself (it keeps
@@ -319,6 +340,7 @@ class SemanticDivergence:
     lambda_dir_cls: float = 100.0
     diff_iter: int = 50
     noise_mix: bool = True
+    diff_steps: int = 100
     prev_source: Literal["previous_input", "prev_x0"] = "previous_input"
     upstream_index_roundtrip: bool = False
     name: str = "semantic_divergence"

@@ -16,6 +16,7 @@ from .clip_direction import CLIPDirectionalLoss
 from ..diffusion.batching import sample_many
 from ..diffusion.guided_loop import GuidedResult, GuidedSamplerOptions
 from ..diffusion.range import RESTART_THRESHOLD, RangeLoss
+from ..diffusion.schedule import DiffusionSchedule
 from .dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 
 
@@ -65,7 +66,9 @@ def diffuseit_guidance(dino: Any, settings: DiffuseITSettings, *, clip: Optional
                                      use_prog_contrast=settings.use_prog_contrast,
                                      regularize_content=settings.regularize_content)]
     if settings.lambda_dir_cls:
-        terms.append(SemanticDivergence(dino, settings.lambda_dir_cls, diff_iter=settings.diff_iter, noise_mix=mix))
+        steps = DiffusionSchedule.create(1000, "linear", settings.respacing).num_timesteps
+        terms.append(SemanticDivergence(dino, settings.lambda_dir_cls, diff_iter=settings.diff_iter, noise_mix=mix,
+                                        diff_steps=steps))
     if clip is not None and settings.lambda_clip:
         terms.append(CLIPDirectionalLoss(clip, source_text, target_text, settings.lambda_clip, settings.ncuts))
     if style_image is not None:

@@ -20,7 +20,7 @@ upstream reduction mixes the batch, the term documents how it reproduces it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -75,12 +75,20 @@ class StepContext:
     row's draws depend on its own seed only (the sampler's choice); a single generator serves the
     whole batch; None = the term's own seed or torch's global RNG.
     ``blend_mask``: the Background Blend's mask, followed by masked terms that have none of their own.
+
+    Under a sampler the pack does not own (ComfyUI's KSampler over a latent model, ``core.latent``)
+    there is no respaced index: ``t_index``, ``t`` and ``schedule`` are None, ``x_t`` is the sampler's
+    latent state, and the step is described sampler-neutrally by ``progress`` (fraction of the sampled
+    schedule done, 0 at the first step, 1 at the last) and ``noise_level`` (per row, the noise standard
+    deviation of the variance-preserving x_t, ``sqrt(1 - abar)`` = ``sigma / sqrt(1 + sigma^2)``; the
+    same quantity the pixel schedule has at ``t_index``). ``mixed_input`` then supplies the noise-mixed
+    image (see :func:`noise_mixed_input`).
     """
 
-    t_index: torch.Tensor
-    t: torch.Tensor
+    t_index: Optional[torch.Tensor]
+    t: Optional[torch.Tensor]
     x_t: torch.Tensor
-    schedule: DiffusionSchedule
+    schedule: Optional[DiffusionSchedule]
     source: torch.Tensor
     prev_x0: Optional[torch.Tensor] = None
     step: int = 0
@@ -88,11 +96,22 @@ class StepContext:
     blend_mask: Optional[torch.Tensor] = None
     state: StepState = field(default_factory=StepState)
     replay: Replay = Replay()
+    progress: Optional[float] = None
+    noise_level: Optional[torch.Tensor] = None
+    mixed_input: Optional[Callable[[], torch.Tensor]] = None
 
     @property
     def num_steps(self) -> int:
-        """Length of the respaced schedule (e.g. 100 for "100")."""
-        return self.schedule.num_timesteps
+        """Length of the respaced schedule (e.g. 100 for "100"); 0 under a sampler without one."""
+        return self.schedule.num_timesteps if self.schedule is not None else 0
+
+    def current_noise_level(self) -> torch.Tensor:
+        """``sqrt(1 - abar)`` per row: the pixel schedule's value at ``t_index``, else ``noise_level``."""
+        if self.schedule is not None and self.t_index is not None:
+            return on_device(self.schedule.sqrt_one_minus_alphas_cumprod, self.t_index.device)[self.t_index]
+        if self.noise_level is None:
+            raise ValueError("this step context has neither a respaced index nor a noise level")
+        return self.noise_level
 
 
 class PreparedTerm(Protocol):
@@ -123,7 +142,14 @@ def noise_mixed_input(predicted_x0: torch.Tensor, ctx: StepContext) -> torch.Ten
     """Upstream's "noisy augmentation" x_mix, §3.5 step 3: ``x0 * f_t + x_t * (1 - f_t)``,
     ``f_t = sqrt(1 - abar_t)`` at the respaced index. ``f_t`` and ``1 - f_t`` are formed in
     float64 and cast separately, as upstream multiplies by a float64 numpy scalar (the float64 table's
-    device copy is made once per schedule, not per call)."""
+    device copy is made once per schedule, not per call).
+
+    Under a latent sampler (``ctx.mixed_input`` set, see ``core.latent``) the same mixture is formed in
+    latent space -- ``decode(x0_latent * f + x_t_vp * (1 - f))`` with the variance-preserving latent
+    ``x_t_vp`` and ``f = ctx.noise_level`` -- since x_t is not an image there; ``predicted_x0`` is then the
+    decoded x0 and the context supplies the (shared, differentiable) decoded mixture."""
+    if ctx.mixed_input is not None:
+        return ctx.mixed_input()
     f64 = on_device(ctx.schedule.sqrt_one_minus_alphas_cumprod, ctx.t_index.device)[ctx.t_index]
     shape = (-1,) + (1,) * (predicted_x0.dim() - 1)
     f = f64.to(predicted_x0.dtype).view(shape).to(predicted_x0.device)

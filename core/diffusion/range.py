@@ -35,6 +35,8 @@ class RangeLoss:
     """``weight * L_range`` on x0 (never the noise-mixed input), §4.6; upstream weight 200.
     Upstream's restart threshold (§3.6) applies to this weighted value."""
 
+    needs_source = False  # scores x0 alone: guiding a latent model needs no source image
+
     weight: float = 200.0
     name: str = "range"
 

@@ -86,6 +86,19 @@ def taesd_decoder_module(latent_channels: int = 4, width: int = 64) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
+def taesd_encoder_module(latent_channels: int = 4, width: int = 64) -> nn.Sequential:
+    """The encoder as a Sequential whose indices are the published ``*_encoder`` files' keys: a conv in
+    and a block, three stages of (a stride-2 conv, 3 blocks), a conv to the latent channels. Written by
+    ``core.tiny_sd`` (ComfyUI's TAESD loader needs an encoder beside each decoder); guidance itself only
+    decodes."""
+    layers: list[nn.Module] = [_conv(3, width), _Block(width, width)]
+    for _ in range(3):
+        layers += [_conv(width, width, stride=2, bias=False), _Block(width, width), _Block(width, width),
+                   _Block(width, width)]
+    layers.append(_conv(width, latent_channels))
+    return nn.Sequential(*layers)
+
+
 class TAESDDecoder(nn.Module):
     """Model-space latent ``[B, C, h, w]`` -> RGB ``[B, 3, 8h, 8w]`` in [-1, 1], differentiable."""
 

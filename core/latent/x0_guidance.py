@@ -10,9 +10,10 @@ diffusion model (MPGD, He et al., ICLR 2024, §4). The sampler then steps from t
 Step size. A raw gradient has no natural scale (a loss weight of 2000 on one model is a nudge on
 another), which is why packs without normalisation get "no effect" or "destroyed image" reports.
 Following MPGD / FreeDoM, the step is normalised to the size of the sampler's own correction:
-``rho = strength * rms(reference) / rms(g)``, where ``reference`` is what CFG added to x0
-(``cond_scale * (cond - uncond)``), or x0 - x_t's noise part when there is no CFG. ``strength``
-is then a fraction of the CFG update, comparable across models, resolutions and loss weights.
+``rho = strength * rms(reference) / rms(g)``, where ``reference`` is what CFG added to the
+unconditional x0 (``cond_scale * (cond - uncond)``), or x0 itself when the sampler ran without CFG
+(cfg 1, BasicGuider). ``strength`` is then a fraction of the CFG update (of x0), comparable across
+models, resolutions and loss weights.
 
 Zero guidance -- strength 0, no terms, or a gradient that is exactly zero -- returns the
 sampler's x0 itself (bit for bit, no division by a zero norm, no extra randomness).
@@ -37,6 +38,7 @@ class X0GuidanceResult:
     x0: torch.Tensor
     losses: dict = field(default_factory=dict)
     step_size: Optional[torch.Tensor] = None
+    image: Optional[torch.Tensor] = None  # the decoded input x0 (detached), when guidance ran
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,8 @@ def normalised_step(gradient: torch.Tensor, reference: torch.Tensor, strength: f
 
 
 def guide_x0(x0: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], prepared: Sequence[Any], ctx: Any,
-             strength: float, reference: torch.Tensor) -> X0GuidanceResult:
+             strength: float, reference: torch.Tensor,
+             mix: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> X0GuidanceResult:
     """One guided correction of a latent x0 prediction ``[B, C, h, w]``.
 
     ``decode(latent) -> RGB [B, 3, H, W] in [-1, 1]`` must be differentiable; ``prepared`` are
@@ -61,19 +64,30 @@ def guide_x0(x0: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], p
     weighted per-row losses; ``reference`` is the sampler's own correction that sets the step's size
     (see the module docstring). Returns ``x0 - rho * d(sum of losses)/d x0`` with ``rho`` from
     :func:`normalised_step`. Runs with autograd on and outside inference mode whatever the caller's
-    mode (ComfyUI runs nodes under ``torch.inference_mode``); the result is a plain, detached tensor.
+    mode (ComfyUI runs nodes under ``torch.inference_mode``); the result is a new detached tensor made in the
+    caller's mode (an inference tensor inside a ComfyUI sampler, as the sampler expects).
     A NaN/inf loss or gradient raises :class:`GuidanceError` naming the term.
+
+    ``mix(latent) -> latent`` (optional) forms the noise-mixed latent; terms that score the noise-mixed
+    input (:func:`core.diffusion.guidance.noise_mixed_input`) then get ``decode(mix(latent))``, decoded
+    once per call and shared, through ``ctx.mixed_input``. Terms with a ``before_step(ctx)`` hook are
+    called first, as in the pixel sampler.
     """
     if strength == 0 or not prepared:
         return X0GuidanceResult(x0=x0)
     with torch.inference_mode(False), torch.enable_grad():
         latent = x0.detach().clone().requires_grad_(True)  # a normal tensor even if x0 is an inference tensor
         image = decode(latent)
+        if mix is not None and ctx is not None:
+            ctx.mixed_input = _shared_decode(decode, mix, latent)
+        for p in prepared:
+            if hasattr(p, "before_step"):
+                p.before_step(ctx)
         per_term = {p.name: p(image, ctx) for p in prepared}
         losses = {k: v.detach() for k, v in per_term.items()}
         total = sum(v.float().sum() for v in per_term.values())
         if not total.requires_grad:  # terms that ignore the image (all weights 0): nothing to follow
-            return X0GuidanceResult(x0=x0, losses=losses)
+            return X0GuidanceResult(x0=x0, losses=losses, image=image.detach())
         gradient = torch.autograd.grad(total, latent)[0]
     rho = normalised_step(gradient, reference, strength)
     # one host read per guided call: every term's and the gradient's finiteness, and whether any row moves
@@ -85,9 +99,19 @@ def guide_x0(x0: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], p
         raise GuidanceError(f"{what} became NaN/inf on the decoded x0; lower the weight or the guidance strength, "
                             "or use fp32")
     if not flags[-1]:
-        return X0GuidanceResult(x0=x0, losses=losses, step_size=rho)
+        return X0GuidanceResult(x0=x0, losses=losses, step_size=rho, image=image.detach())
     moved = x0.detach() - rho.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1))) * gradient.to(x0.dtype)
-    return X0GuidanceResult(x0=moved, losses=losses, step_size=rho)
+    return X0GuidanceResult(x0=moved, losses=losses, step_size=rho, image=image.detach())
+
+
+def _shared_decode(decode: Callable, mix: Callable, latent: torch.Tensor) -> Callable[[], torch.Tensor]:
+    cache: list = []
+
+    def mixed() -> torch.Tensor:
+        if not cache:
+            cache.append(decode(mix(latent)))
+        return cache[0]
+    return mixed
 
 
 def schedule_progress(sigma: float, sigmas: Sequence[float]) -> float:

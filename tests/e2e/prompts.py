@@ -25,6 +25,14 @@ FAST_INPUTS = {
     "LoadDDPM": {"overrides": "image_size=64"},
     # OpenAI's CLIP names imply full-size models; the tiny one is an open_clip folder (core.tiny_models.CLIP_FOLDER)
     "LoadCLIPGuidance": {"models": "tiny-clip-vit"},
+    # latent-model workflows: the tiny SD1.5-layout checkpoint (core.tiny_sd) stands in for every checkpoint,
+    # SDXL's included (ComfyUI builds SDXL's two text encoders at full size: too heavy for CI), so the SD1.5
+    # TAESD decodes; 64 px pictures, 2 sampler steps, 2 latents per batch
+    "CheckpointLoaderSimple": {"ckpt_name": "tiny_sd15.safetensors"},
+    "ApplyGuidanceToModel": {"decoder": "taesd_decoder.safetensors"},
+    "ImageScale": {"width": 64, "height": 64},
+    "KSampler": {"steps": 2},
+    "RepeatLatentBatch": {"amount": MAX_SAMPLES},
 }
 
 

@@ -4,7 +4,8 @@ Standard library only (the test process runs in the project's venv, ComfyUI in i
 ``comfy_env``). One :class:`ComfyServer` owns one ``main.py`` process on a free loopback port with
 throw-away base/input/output/user/temp directories and database, the pack linked into its
 ``custom_nodes`` under a fixed folder name, and an ``extra_model_paths.yaml`` that points the
-pack's model folders at a models directory of the caller's choosing (tiny checkpoints in tests).
+pack's model folders (and ComfyUI's ``checkpoints`` and ``vae_approx``) at a models directory of the
+caller's choosing (tiny checkpoints in tests).
 The process is always stopped by its own id (``stop()``, context manager, or at exit).
 """
 
@@ -33,7 +34,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 PACK_FOLDER = "comfyui-diffuseit-blended"
-MODEL_FOLDERS = ("guided_diffusion", "dino", "clip_guidance", "lpips")
+# the pack's model folders, plus ComfyUI's own that the tiny models fill (core.tiny_sd: Load Checkpoint's
+# checkpoints/tiny_sd15.safetensors, VAE Loader's vae_approx/taesd_*)
+MODEL_FOLDERS = ("guided_diffusion", "dino", "clip_guidance", "lpips", "checkpoints", "vae_approx")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 

@@ -117,6 +117,8 @@ class Combo:
 
 Image = _make_type("IMAGE")
 Mask = _make_type("MASK")
+Model = _make_type("MODEL")
+Vae = _make_type("VAE")
 
 
 def Custom(io_type):
