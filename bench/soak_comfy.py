@@ -7,8 +7,8 @@ skip 5, 2 resampling repeats), then queues it ``--runs`` times, each with the ne
 cache cannot answer, one after the other. After every run it reads VmRSS of the server process and
 of any process below it, and prints a table at the ``--at`` runs plus the total wall time::
 
-    python bench/soak_comfy.py                                   # ddpm_resample, 50 runs
-    python bench/soak_comfy.py --workflow workflows/blended_diffusion.json --runs 50 --json soak.json
+    python bench/soak_comfy.py                                   # DDPM reconstruction, 50 runs
+    python bench/soak_comfy.py --workflow "workflows/Blended Diffusion local edit.json" --runs 50 --json soak.json
 
 Flat memory = the RSS after the warm-up runs stays level (allocator noise of a few MB); a leak shows
 as steady growth per run. ``tests/test_e2e_comfy.py::test_soak_memory_stays_flat`` runs a short
@@ -39,8 +39,9 @@ from e2e.soak import peak_rss_kb, soak  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workflow", default=os.path.join(ROOT, "workflows", "ddpm_resample.json"),
-                        help="UI-format workflow (default: workflows/ddpm_resample.json)")
+    parser.add_argument("--workflow",
+                        default=os.path.join(ROOT, "workflows", "DDPM reconstruction (checkpoint check).json"),
+                        help="UI-format workflow (default: workflows/DDPM reconstruction (checkpoint check).json)")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--at", default="1,10,25,50", help="runs to show in the table (comma list; the last run "
                                                            "is always shown)")

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..core.blended.pipeline import BlendSpec
 from . import checks
+from .schema_features import advanced, schema
 from .types import BlendType
 
 CATEGORY = "DiffuseIT-Blended/blended diffusion"
@@ -16,8 +17,9 @@ BLEND_MODES = ["official", "next_level", "fixed_noise"]
 class BackgroundBlend(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="BackgroundBlend", display_name="Background Blend (Blended Diffusion)", category=CATEGORY,
+            search_aliases=["Blended Diffusion", "local edit", "inpainting", "mask"],
             description="Marks the region to edit. After every step Guided Sampler replaces everything outside the "
                         "mask with the source noised to that step's level, and pastes the source back at the end. "
                         "Large images are cropped around the mask, edited at the model's resolution and stitched "
@@ -30,18 +32,19 @@ class BackgroundBlend(io.ComfyNode):
                                tooltip="official: background noised to the step's input level with fresh noise "
                                        "(the paper's code); next_level: to the output's level; fixed_noise: one "
                                        "noise for the whole run."),
-                io.Boolean.Input("enforce_background", default=True,
-                                 tooltip="Paste the source outside the mask into the final result (official default)."),
+                advanced(io.Boolean.Input, "enforce_background", default=True,
+                         tooltip="Paste the source outside the mask into the final result (official default)."),
                 io.Boolean.Input("invert_mask", default=False, tooltip="Edit outside the mask instead."),
-                io.Boolean.Input("soft_mask", default=False,
-                                 tooltip="Keep grey mask values as partial blending (an extension; the official "
-                                         "code binarises at 0.5)."),
-                io.Int.Input("dilate", default=0, min=0, max=256, tooltip="Grow the mask by this many pixels."),
-                io.Float.Input("crop_margin", default=0.25, min=0.0, max=4.0, step=0.05,
-                               tooltip="Context around the mask's bounding box, as a fraction of its size, when "
-                                       "cropping large images (at least the model's resolution is kept)."),
-                io.Int.Input("feather", default=0, min=0, max=128,
-                             tooltip="Soften the stitch seam inside the mask by this many pixels (outside stays exact)."),
+                advanced(io.Boolean.Input, "soft_mask", default=False,
+                         tooltip="Keep grey mask values as partial blending (an extension; the official "
+                                 "code binarises at 0.5)."),
+                advanced(io.Int.Input, "dilate", default=0, min=0, max=256,
+                         tooltip="Grow the mask by this many pixels."),
+                advanced(io.Float.Input, "crop_margin", default=0.25, min=0.0, max=4.0, step=0.05,
+                         tooltip="Context around the mask's bounding box, as a fraction of its size, when "
+                                 "cropping large images (at least the model's resolution is kept)."),
+                advanced(io.Int.Input, "feather", default=0, min=0, max=128,
+                         tooltip="Soften the stitch seam inside the mask by this many pixels (outside stays exact)."),
             ],
             outputs=[BlendType.Output(display_name="blend", tooltip="Wire into Guided Sampler's blend input.")],
         )

@@ -15,6 +15,7 @@ from ..core.io import to_model
 from ..core.diffuseit.dino_losses import DINOStructureLoss, DINOStyleLoss, SemanticDivergence
 from ..core.diffusion.range import RangeLoss
 from . import checks
+from .schema_features import advanced, schema
 from .types import CLIPType, DINOType, GuidanceType, LPIPSType, chain
 
 CATEGORY = "DiffuseIT-Blended/guidance"
@@ -37,8 +38,9 @@ def _weight(name: str, default: float, tooltip: str, maximum: float = 1e6) -> io
 class DINOStructureLossNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="DINOStructureLoss", display_name="DINO Structure Loss (DiffuseIT)", category=CATEGORY,
+            search_aliases=["DiffuseIT", "structure loss", "self-similarity"],
             description="Keeps the source's structure: DINO layer-11 key self-similarity (L_ssim) plus the "
                         "patch-wise contrastive InfoNCE loss (L_cont) between output and source keys.",
             inputs=[
@@ -50,9 +52,9 @@ class DINOStructureLossNode(io.ComfyNode):
                                tooltip="Text mode's contrastive weight schedule from the previous CLIP loss: "
                                        "regularize_content doubles it once the CLIP loss < -0.5 (official text "
                                        "command); prog_contrast halves it while the CLIP loss > -0.5."),
-                io.Boolean.Input("noise_mix", default=True,
-                                 tooltip="Score x0*f_t + x_t*(1-f_t) instead of x0 (--use_noise_aug_all, on in both "
-                                         "official commands)."),
+                advanced(io.Boolean.Input, "noise_mix", default=True,
+                         tooltip="Score x0*f_t + x_t*(1-f_t) instead of x0 (--use_noise_aug_all, on in both "
+                                 "official commands)."),
                 _guidance_in(),
             ],
             outputs=[_guidance_out()],
@@ -77,8 +79,9 @@ class DINOStructureLossNode(io.ComfyNode):
 class DINOStyleLossNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="DINOStyleLoss", display_name="DINO Style Loss (DiffuseIT image-guided)", category=CATEGORY,
+            search_aliases=["DiffuseIT", "style transfer", "image-guided translation"],
             description="Pulls the output's appearance towards a style image: DINO [CLS] token distance (L_sty) "
                         "plus a pixel MSE to the style image.",
             inputs=[
@@ -87,7 +90,8 @@ class DINOStyleLossNode(io.ComfyNode):
                                                       "(bilinear, antialiased) if it differs."),
                 _weight("lambda_trg", 2000.0, "Weight of the [CLS] style loss (official 2000)."),
                 _weight("lambda_mse", 3000.0, "Weight of the pixel MSE to the style image (official 3000; 0 = off)."),
-                io.Boolean.Input("noise_mix", default=True, tooltip="Score the noise-mixed x0 (--use_noise_aug_all)."),
+                advanced(io.Boolean.Input, "noise_mix", default=True,
+                         tooltip="Score the noise-mixed x0 (--use_noise_aug_all)."),
                 _guidance_in(),
             ],
             outputs=[_guidance_out()],
@@ -105,8 +109,9 @@ class DINOStyleLossNode(io.ComfyNode):
 class SemanticDivergenceNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="SemanticDivergence", display_name="Semantic Divergence (DiffuseIT)", category=CATEGORY,
+            search_aliases=["DiffuseIT", "semantic divergence loss"],
             description="Pushes each step's [CLS] token away from the previous step's, while the respaced step "
                         "index is above diff_iter, so the semantics change early in sampling.",
             inputs=[
@@ -117,7 +122,8 @@ class SemanticDivergenceNode(io.ComfyNode):
                                      "(respacing 100), 100 for the image command (respacing 200). Under KSampler (Apply "
                                      "Guidance to Model) it counts in a 100-step schedule: active while the noise "
                                      "level is above upstream's at index diff_iter of 100 (50 = the official point)."),
-                io.Boolean.Input("noise_mix", default=True, tooltip="Score the noise-mixed x0 (--use_noise_aug_all)."),
+                advanced(io.Boolean.Input, "noise_mix", default=True,
+                         tooltip="Score the noise-mixed x0 (--use_noise_aug_all)."),
                 _guidance_in(),
             ],
             outputs=[_guidance_out()],
@@ -132,8 +138,9 @@ class SemanticDivergenceNode(io.ComfyNode):
 class CLIPDirectionalLossNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="CLIPDirectionalLoss", display_name="CLIP Directional Loss (DiffuseIT text-guided)",
+            search_aliases=["DiffuseIT", "CLIP guidance", "text-guided translation", "directional CLIP loss"],
             category=CATEGORY,
             description="Input-aware directional CLIP loss over an ensemble: moves the image embedding towards "
                         "normalize(E_target - 0.4 E_source + 0.2 E_image), 79 prompt templates, augmented cuts.",
@@ -159,8 +166,9 @@ class CLIPDirectionalLossNode(io.ComfyNode):
 class RangeLossNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="RangeLoss", display_name="Range Loss", category=CATEGORY,
+            search_aliases=["DiffuseIT", "Blended Diffusion", "guidance"],
             description="Penalises predicted x0 values outside [-1, 1]: weight * mean((x0 - clamp(x0))^2). Also "
                         "what Guided Sampler's range_restart watches.",
             inputs=[_weight("weight", 200.0, "DiffuseIT 200, Blended Diffusion 50."), _guidance_in()],
@@ -175,8 +183,9 @@ class RangeLossNode(io.ComfyNode):
 class MaskedCLIPLossNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="MaskedCLIPLoss", display_name="Masked CLIP Loss (Blended Diffusion)", category=CATEGORY,
+            search_aliases=["Blended Diffusion", "CLIP guidance", "local edit", "inpainting"],
             description="CLIP guidance on the masked region: spherical distance between the prompt and augmented "
                         "cutouts of x_in * mask (x_in mixes x0 and x_t). Uses Background Blend's mask.",
             inputs=[
@@ -202,8 +211,9 @@ class MaskedCLIPLossNode(io.ComfyNode):
 class BackgroundPreservationLossNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="BackgroundPreservationLoss", display_name="Background Preservation Loss (Blended)",
+            search_aliases=["Blended Diffusion", "background loss", "LPIPS"],
             category=CATEGORY,
             description="LPIPS + L2 between the image outside the mask and the source (the paper's local CLIP-"
                         "guided baseline; off by default in Blended Diffusion). Uses Background Blend's mask.",

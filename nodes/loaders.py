@@ -12,6 +12,7 @@ from ..core.encoders.clip import ClipEnsemble, architecture_name, expected_file,
 from ..core.encoders.dino import load_dino_extractor
 from ..core.encoders.lpips import VGG16_FILE, load_lpips
 from . import checks, comfy_bridge as bridge
+from .schema_features import advanced, schema
 from .types import CLIPType, DDPMType, DINOType, LPIPSType
 
 CATEGORY = "DiffuseIT-Blended/loaders"
@@ -24,8 +25,9 @@ CLIP_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 class LoadDDPM(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="LoadDDPM",
+            search_aliases=["guided-diffusion", "OpenAI ADM", "DiffuseIT", "Blended Diffusion"],
             display_name="Load DDPM (guided-diffusion)",
             category=CATEGORY,
             description="Loads an OpenAI guided-diffusion pixel UNet (e.g. 256x256_diffusion_uncond.pt) "
@@ -34,24 +36,24 @@ class LoadDDPM(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=bridge.model_files("guided_diffusion"),
                                tooltip="Checkpoint in models/guided_diffusion. DiffuseIT and Blended Diffusion "
                                        "use 256x256_diffusion_uncond.pt (see the README's model table)."),
-                io.Combo.Input("dtype", options=DDPM_DTYPES, default="auto",
-                               tooltip="Precision of the UNet body. 'auto' follows ComfyUI's device and "
-                                       "--fp16-unet/--bf16-unet/--force-fp32 flags; norms and embeddings stay fp32."),
-                io.String.Input("overrides", default="", optional=True,
-                                tooltip="guided-diffusion flags the file's shapes cannot tell, comma separated, "
-                                        "e.g. 'num_heads=4' or 'num_head_channels=64, noise_schedule=cosine'. They "
-                                        "mean what they mean in guided-diffusion: a flag left out comes from the "
-                                        "published file's preset, else guided-diffusion's default, and any head "
-                                        "flag (num_heads, num_head_channels, num_heads_upsample) sets the whole "
-                                        "head layout, so 'num_heads=4' alone gives 4 heads (num_head_channels=-1). "
-                                        "Empty = the preset of the published file; a file with no preset is "
-                                        "assumed to use num_head_channels=64 (the published models' layout, logged "
-                                        "in the console) -- pass num_heads=... or num_head_channels=... if it was "
-                                        "trained otherwise."),
-                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                                 tooltip="Recompute the UNet's activations during the guidance backward instead of "
-                                         "keeping them: about 55% less memory per guided step for about 25% more "
-                                         "time (bench/README.md). For large batches or small GPUs."),
+                advanced(io.Combo.Input, "dtype", options=DDPM_DTYPES, default="auto",
+                         tooltip="Precision of the UNet body. 'auto' follows ComfyUI's device and "
+                                 "--fp16-unet/--bf16-unet/--force-fp32 flags; norms and embeddings stay fp32."),
+                advanced(io.String.Input, "overrides", default="", optional=True,
+                         tooltip="guided-diffusion flags the file's shapes cannot tell, comma separated, "
+                                 "e.g. 'num_heads=4' or 'num_head_channels=64, noise_schedule=cosine'. They "
+                                 "mean what they mean in guided-diffusion: a flag left out comes from the "
+                                 "published file's preset, else guided-diffusion's default, and any head "
+                                 "flag (num_heads, num_head_channels, num_heads_upsample) sets the whole "
+                                 "head layout, so 'num_heads=4' alone gives 4 heads (num_head_channels=-1). "
+                                 "Empty = the preset of the published file; a file with no preset is "
+                                 "assumed to use num_head_channels=64 (the published models' layout, logged "
+                                 "in the console) -- pass num_heads=... or num_head_channels=... if it was "
+                                 "trained otherwise."),
+                advanced(io.Boolean.Input, "gradient_checkpointing", default=False, optional=True,
+                         tooltip="Recompute the UNet's activations during the guidance backward instead of "
+                                 "keeping them: about 55% less memory per guided step for about 25% more "
+                                 "time (bench/README.md). For large batches or small GPUs."),
             ],
             outputs=[DDPMType.Output(display_name="ddpm", tooltip="The diffusion model and its schedule facts.")],
         )
@@ -77,8 +79,9 @@ class LoadDDPM(io.ComfyNode):
 class LoadDINO(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="LoadDINO",
+            search_aliases=["DINO ViT", "DiffuseIT"],
             display_name="Load DINO ViT",
             category=CATEGORY,
             description="Loads a DINO ViT (official dino_vitbase8_pretrain.pth by default) from models/dino for "
@@ -87,12 +90,12 @@ class LoadDINO(io.ComfyNode):
                 io.Combo.Input("dino_name", options=bridge.model_files("dino"),
                                tooltip="DINO checkpoint in models/dino: dino_vitbase8_pretrain.pth (ViT-B/8, the paper's), "
                                        "or dino_vitbase16 / dino_deitsmall8 / dino_deitsmall16 files."),
-                io.Boolean.Input("antialias", default=False,
-                                 tooltip="Antialias the 256->224 resize. Off reproduces the authors' runs "
-                                         "(torchvision 0.10); on is what torchvision >= 0.17 does by default."),
-                io.Int.Input("num_heads", default=0, min=0, max=64, optional=True,
-                             tooltip="Attention heads (0 = from the official size table or a <name>_config.json "
-                                     "beside the file). Only needed for non-standard DINO models."),
+                advanced(io.Boolean.Input, "antialias", default=False,
+                         tooltip="Antialias the 256->224 resize. Off reproduces the authors' runs "
+                                 "(torchvision 0.10); on is what torchvision >= 0.17 does by default."),
+                advanced(io.Int.Input, "num_heads", default=0, min=0, max=64, optional=True,
+                         tooltip="Attention heads (0 = from the official size table or a <name>_config.json "
+                                 "beside the file). Only needed for non-standard DINO models."),
             ],
             outputs=[DINOType.Output(display_name="dino", tooltip="DINO feature extractor (layer-11 keys and [CLS]).")],
         )
@@ -112,8 +115,9 @@ class LoadDINO(io.ComfyNode):
 class LoadCLIPGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="LoadCLIPGuidance",
+            search_aliases=["CLIP guidance", "OpenAI CLIP", "DiffuseIT", "Blended Diffusion"],
             display_name="Load CLIP (guidance ensemble)",
             category=CATEGORY,
             description="Loads one or more OpenAI/open_clip CLIP models from models/clip_guidance: DiffuseIT uses "
@@ -125,13 +129,13 @@ class LoadCLIPGuidance(io.ComfyNode):
                                         "architecture (.pt/.bin/.safetensors). DiffuseIT: RN50, RN50x4, ViT-B-32, "
                                         "RN50x16, ViT-B-16 (ViT-B-32 alone saves memory); Blended: ViT-B-16. A "
                                         "sub-folder with open_clip_config.json + weights loads a custom model."),
-                io.Combo.Input("dtype", options=CLIP_DTYPES, default="auto",
-                               tooltip="'auto': fp16 on CUDA as the official code runs CLIP (unless ComfyUI says "
-                                       "fp16 is unsuitable, e.g. --force-fp32), fp32 elsewhere."),
-                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
-                                 tooltip="Recompute each CLIP image tower's activations during the guidance backward: "
-                                         "with an ensemble only one tower's graph is kept at a time (the 5-model "
-                                         "DiffuseIT ensemble needs this to fit in 24 GB on a CPU). Same result."),
+                advanced(io.Combo.Input, "dtype", options=CLIP_DTYPES, default="auto",
+                         tooltip="'auto': fp16 on CUDA as the official code runs CLIP (unless ComfyUI says "
+                                 "fp16 is unsuitable, e.g. --force-fp32), fp32 elsewhere."),
+                advanced(io.Boolean.Input, "gradient_checkpointing", default=False, optional=True,
+                         tooltip="Recompute each CLIP image tower's activations during the guidance backward: "
+                                 "with an ensemble only one tower's graph is kept at a time (the 5-model "
+                                 "DiffuseIT ensemble needs this to fit in 24 GB on a CPU). Same result."),
             ],
             outputs=[CLIPType.Output(display_name="clip", tooltip="The CLIP ensemble (first model is used by "
                                                                   "masked CLIP loss and ranking).")],
@@ -182,8 +186,9 @@ class LoadCLIPGuidance(io.ComfyNode):
 class LoadLPIPS(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="LoadLPIPS",
+            search_aliases=["LPIPS", "perceptual loss", "Blended Diffusion"],
             display_name="Load LPIPS (VGG)",
             category=CATEGORY,
             description="LPIPS-VGG for Blended Diffusion's optional background-preservation loss. The VGG16 trunk "

@@ -18,6 +18,7 @@ from ..core.io import to_model
 from ..core.latent.model_guidance import DenoiserCall, LatentGuidanceError, LatentGuide
 from ..core.latent.x0_guidance import GuidanceBand
 from . import checks, comfy_bridge as bridge
+from .schema_features import schema
 from .types import GuidanceType
 
 CATEGORY = "DiffuseIT-Blended/sampling"
@@ -33,8 +34,9 @@ def decoder_choices() -> list[str]:
 class ApplyGuidanceToModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ApplyGuidanceToModel",
+            search_aliases=["DiffuseIT", "Blended Diffusion", "CLIP guidance", "KSampler guidance", "SDXL", "Flux"],
             display_name="Apply Guidance to Model (DiffuseIT / Blended)",
             category=CATEGORY,
             description="Steers any ComfyUI model (SD1.5, SDXL, SD3, Flux) with the pack's guidance losses: at every "

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..core.blended.geometry import paste_into_source
 from ..core.diffuseit.pipeline import match_colors
 from ..core.io import from_model, to_model
+from .schema_features import schema
 
 CATEGORY = "DiffuseIT-Blended/sampling"
 
@@ -18,8 +19,9 @@ CATEGORY = "DiffuseIT-Blended/sampling"
 class ColorMatch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ColorMatchMKL", display_name="Color Match (MKL)", category=CATEGORY,
+            search_aliases=["DiffuseIT", "color transfer", "colour match"],
             description="Maps each image's colour distribution (RGB mean and covariance) onto the reference's with "
                         "the Monge-Kantorovich linear transfer, as the official DiffuseIT image-guided command does "
                         "(--use_colormatch) with the style image as reference.",
@@ -43,8 +45,9 @@ class ColorMatch(io.ComfyNode):
 class PasteIntoSource(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="PasteIntoSource", display_name="Paste Edit into Source (feathered)", category=CATEGORY,
+            search_aliases=["Blended Diffusion", "inpainting", "paste back", "composite"],
             description="The last step of a masked edit on a latent model: keeps the edited pixels inside the mask "
                         "and the source's own pixels everywhere else (the VAE round trip changes every pixel), with "
                         "an optional feather inside the mask. Nothing outside the mask changes.",

@@ -21,6 +21,7 @@ from ..core.blended.rank_criteria import COMPONENTS, CRITERIA_PRESETS, IMPROVED_
 from ..core.blended.ranking import rank_results
 from ..core.io import to_model
 from . import checks, comfy_bridge as bridge
+from .schema_features import advanced, schema
 from .types import BlendType, CLIPType
 
 CATEGORY = "DiffuseIT-Blended/blended diffusion"
@@ -51,8 +52,9 @@ def scores_report(result) -> str:
 class CLIPRank(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="CLIPRank", display_name="CLIP Rank", category=CATEGORY,
+            search_aliases=["Blended Diffusion", "CLIP ranking", "CLIP score", "rerank"],
             description="Ranks results by the unaugmented CLIP distance between the masked image and the prompt "
                         "(Blended Diffusion's selection; lower is better).",
             inputs=[
@@ -65,13 +67,13 @@ class CLIPRank(io.ComfyNode):
                                          "background, no antialias, sort by 4-decimal string). Off: the cleaner "
                                          "variant that scores what the guidance saw."),
                 io.Mask.Input("mask", optional=True, tooltip="The edit mask (Background Blend's); none = whole image."),
-                io.Int.Input("crop_size", default=256, min=0, max=4096,
-                             tooltip="The model's resolution (256 for the ImageNet model). Each image is scored on the "
-                                     "square around the mask that Guided Sampler edited (crop_margin context, at least "
-                                     "this size), resized to this size, as the official ranking does. 0 = score the "
-                                     "whole image."),
-                io.Float.Input("crop_margin", default=0.25, min=0.0, max=4.0, step=0.05,
-                               tooltip="Background Blend's crop_margin (ignored when a blend is wired)."),
+                advanced(io.Int.Input, "crop_size", default=256, min=0, max=4096,
+                         tooltip="The model's resolution (256 for the ImageNet model). Each image is scored on the "
+                                 "square around the mask that Guided Sampler edited (crop_margin context, at least "
+                                 "this size), resized to this size, as the official ranking does. 0 = score the "
+                                 "whole image."),
+                advanced(io.Float.Input, "crop_margin", default=0.25, min=0.0, max=4.0, step=0.05,
+                         tooltip="Background Blend's crop_margin (ignored when a blend is wired)."),
                 BlendType.Input("blend", optional=True,
                                 tooltip="The Background Blend given to Guided Sampler: its mask, invert, dilate and "
                                         "crop_margin are used (instead of mask / crop_margin)."),

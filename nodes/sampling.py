@@ -11,6 +11,7 @@ from ..core.diffusion.batching import planned_steps, sample_many
 from ..core.diffusion.range import RESTART_THRESHOLD
 from ..core.io import from_model, resize_for_model, resize_to, to_model
 from . import checks, comfy_bridge as bridge
+from .schema_features import advanced, schema
 from .types import BlendType, DDPMType, GuidanceType
 
 CATEGORY = "DiffuseIT-Blended/sampling"
@@ -20,8 +21,10 @@ SAMPLERS = ["ddpm", "ddim"]
 class GuidedSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="GuidedSampler",
+            search_aliases=["DiffuseIT", "Blended Diffusion", "SDEdit", "CLIP guidance",
+                            "guided diffusion", "img2img", "image translation"],
             display_name="Guided Sampler (DiffuseIT / Blended)",
             category=CATEGORY,
             description="Noises the source image to the start step and denoises it with the DDPM while the wired "
@@ -55,23 +58,23 @@ class GuidedSampler(io.ComfyNode):
                                      "seed + 1 share no sample (so 'increment' gives a fresh batch)."),
                 io.Int.Input("samples", default=1, min=1, max=256,
                              tooltip="Samples per source image (the official code's serial iterations, batched here)."),
-                io.Int.Input("chunk_size", default=0, min=0, max=256,
-                             tooltip="Rows per batch on the GPU; 0 = all at once when they fit in the free memory, "
-                                     "else as many as fit (measured on one row). Results do not change."),
+                advanced(io.Int.Input, "chunk_size", default=0, min=0, max=256,
+                         tooltip="Rows per batch on the GPU; 0 = all at once when they fit in the free memory, "
+                                 "else as many as fit (measured on one row). Results do not change."),
                 io.Boolean.Input("range_restart", default=False,
                                  tooltip="DiffuseIT's --use_range_restart: a sample whose x0 leaves [-1,1] too far restarts "
                                          "(at most max_restarts times)."),
-                io.Int.Input("max_restarts", default=3, min=0, max=100,
-                             tooltip="Upper bound on range restarts per sample (upstream has none)."),
+                advanced(io.Int.Input, "max_restarts", default=3, min=0, max=100,
+                         tooltip="Upper bound on range restarts per sample (upstream has none)."),
                 io.Boolean.Input("keep_aspect", default=True,
                                  tooltip="Sample at the image's aspect ratio: short side at the model's resolution, "
                                          "long side to the nearest multiple of the UNet's downsampling factor (32 "
                                          "for the 256 px model; 1600x900 -> 448x256), at most 4:1. Off = upstream's "
                                          "square (a wide photo comes back squashed). Ignored with a Background Blend."),
-                io.Boolean.Input("upscale_to_source", default=False,
-                                 tooltip="Resize the results back to the input image's size (bicubic). Off = the "
-                                         "size they were sampled at. Ignored with a Background Blend (it always "
-                                         "returns the full-size image)."),
+                advanced(io.Boolean.Input, "upscale_to_source", default=False,
+                         tooltip="Resize the results back to the input image's size (bicubic). Off = the "
+                                 "size they were sampled at. Ignored with a Background Blend (it always "
+                                 "returns the full-size image)."),
             ],
             outputs=[io.Image.Output(display_name="images",
                                      tooltip="The last step's x0 prediction per sample (what the official code saves).")],

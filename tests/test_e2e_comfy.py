@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 import time
+import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -137,17 +139,55 @@ def test_every_input_has_a_tooltip(server):
     assert not missing, f"inputs without tooltip: {missing}"
 
 
+def test_advanced_inputs_and_aliases_follow_the_server(comfy, server):
+    """Inputs are marked advanced and nodes carry search aliases exactly when this ComfyUI's node API has
+    them (nodes/schema_features.py); v0.3.75 has neither and still loads every node."""
+    from test_schema_features import ADVANCED
+
+    io_source = (Path(comfy.comfy_dir) / "comfy_api" / "latest" / "_io.py").read_text()
+    nodes = server.pack_nodes()
+    marked = {name: {inp for section in ("required", "optional")
+                     for inp, spec in (info["input"].get(section) or {}).items()
+                     if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("advanced")}
+              for name, info in nodes.items()}
+    assert {k: v for k, v in marked.items() if v} == (ADVANCED if "advanced: bool" in io_source else {})
+    aliases = {name: info.get("search_aliases") or [] for name, info in nodes.items()}
+    if "search_aliases" in io_source:
+        assert all(aliases.values()) and "SDEdit" in aliases["GuidedSampler"], aliases
+    else:
+        assert not any(aliases.values()), aliases
+
+
 def test_workflows_are_served_as_templates(server):
-    """ComfyUI's template browser lists the pack's workflows and loads each one. ComfyUI serves the first
-    existing folder of example_workflows, example, examples, workflow, workflows under one URL prefix, so
-    no example/examples folder may exist beside workflows/ (the sample pictures live in assets/)."""
+    """ComfyUI's template browser lists the pack's workflows and loads each one with its thumbnail (the
+    frontend asks for ``<name>.jpg`` beside ``<name>.json``). ComfyUI lists the files of every folder named
+    example_workflows, example, examples, workflow or workflows but serves only the first that exists, so
+    workflows/ is the only one (tests/test_workflow_thumbnails.py)."""
     status, listing = server.request("/workflow_templates")
     assert status == 200 and sorted(listing.get(server.pack_folder, [])) == sorted(
         os.path.basename(p)[:-5] for p in WORKFLOWS), listing
     for path in WORKFLOWS:
-        status, served = server.request(f"/api/workflow_templates/{server.pack_folder}/{os.path.basename(path)}")
+        url = f"/api/workflow_templates/{server.pack_folder}/{urllib.parse.quote(os.path.basename(path)[:-5])}"
+        status, served = server.request(url + ".json")
         with open(path) as f:
             assert status == 200 and served == json.load(f), f"{os.path.basename(path)}: HTTP {status}"
+        status, content_type, picture = server.request_bytes(url + ".jpg")
+        with open(path[:-5] + ".jpg", "rb") as f:
+            assert (status, content_type) == (200, "image/jpeg") and picture == f.read(), f"{url}.jpg: HTTP {status}"
+
+
+def test_workflow_geometry_with_the_servers_definitions(comfy, server):
+    """The saved geometry also passes with the node definitions this server reports (its /object_info); on
+    v0.3.75 the core-node table the offline geometry test uses must be exactly what the server defines."""
+    from workflow_geometry import CORE_NODES, check_workflow_file, specs_from_object_info
+
+    live = specs_from_object_info(server.object_info())
+    if comfy.version == comfy_env.COMFY_VERSION:
+        frontend_only = {"Note", "MarkdownNote"}
+        assert {t: live.get(t) for t in CORE_NODES if t not in frontend_only} == {
+            t: spec for t, spec in CORE_NODES.items() if t not in frontend_only}
+    problems = [p for path in WORKFLOWS for p in check_workflow_file(path, {**CORE_NODES, **live})]
+    assert not problems, "\n".join(problems)
 
 
 def test_core_ui_workflow_converts_and_runs(server):
@@ -218,7 +258,7 @@ def test_workflow_runs_end_to_end(server, path):
         assert result.previews >= 1, "no preview image arrived over /ws"
 
 
-DDPM_WORKFLOW = os.path.join(ROOT, "workflows", "ddpm_resample.json")
+DDPM_WORKFLOW = os.path.join(ROOT, "workflows", "DDPM reconstruction (checkpoint check).json")
 
 
 def test_cancel_stops_a_run_and_the_next_run_succeeds(server):
@@ -257,7 +297,7 @@ def test_same_seed_gives_identical_images(server):
     assert [pixels(png) for png in server.images(other)] != outputs[0], "a different seed gave the same pixels"
 
 
-DIFFUSEIT_WORKFLOW = os.path.join(ROOT, "workflows", "diffuseit_text.json")
+DIFFUSEIT_WORKFLOW = os.path.join(ROOT, "workflows", "DiffuseIT text-guided translation.json")
 
 
 def test_progress_ends_full_with_range_restarts(server):
@@ -393,14 +433,14 @@ def test_symlinked_checkpoint_in_an_extra_model_path_loads(server, other_disk):
 
 
 def test_latent_blended_edit_keeps_every_pixel_outside_the_mask(server):
-    """sd15_blended_edit.json: Set Latent Noise Mask + masked CLIP guidance + CLIP Rank + Paste Edit into Source;
+    """SD1.5 Blended Diffusion local edit.json: Set Latent Noise Mask + masked CLIP guidance + CLIP Rank + Paste Edit into Source;
     the saved picture equals the source outside the mask, bit for bit, despite the VAE round trip."""
     import numpy as np
     from PIL import Image
 
     from e2e.prompts import picture_png
 
-    prompt = prepared(server, os.path.join(ROOT, "workflows", "sd15_blended_edit.json"))
+    prompt = prepared(server, os.path.join(ROOT, "workflows", "SD1.5 Blended Diffusion local edit.json"))
     result = run_ok(server, prompt)
     save = next(nid for nid, node in prompt.items() if node["class_type"] == "SaveImage")
     entry = result.history["outputs"][save]["images"][0]

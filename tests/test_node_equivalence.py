@@ -64,7 +64,7 @@ def test_diffuseit_text_graph_equals_diffuseit_text(models):
     from diffuseit_pack.nodes import guidance as g
     from diffuseit_pack.core.diffuseit import diffuseit_text
     image = _image(32, 32, 1)  # model size: the sampler's resize is the identity
-    # workflows/diffuseit_text.json: Structure (regularize_content) -> Semantic Divergence -> CLIP -> Range
+    # workflows/DiffuseIT text-guided translation.json: Structure (regularize_content) -> Semantic Divergence -> CLIP -> Range
     (chain,) = _run(g.DINOStructureLossNode, dino=dino, lambda_ssim=TEXT["lambda_ssim"],
                     lambda_contra=TEXT["lambda_contra"], contrast_schedule="regularize_content", noise_mix=True)
     (chain,) = _run(g.SemanticDivergenceNode, dino=dino, lambda_dir_cls=TEXT["lambda_dir_cls"], diff_iter=DIFF_ITER,
@@ -108,7 +108,7 @@ def test_diffuseit_image_graph_equals_diffuseit_image(models):
     from diffuseit_pack.nodes.postprocess import ColorMatch
     from diffuseit_pack.core.diffuseit import diffuseit_image
     image, style = _image(32, 32, 2), _image(32, 32, 3)
-    # workflows/diffuseit_image.json: Structure -> Semantic Divergence -> Style -> Range -> sampler -> Color Match
+    # workflows/DiffuseIT image-guided translation.json: Structure -> Semantic Divergence -> Style -> Range -> sampler -> Color Match
     (chain,) = _run(g.DINOStructureLossNode, dino=dino, lambda_ssim=IMAGE["lambda_ssim"],
                     lambda_contra=IMAGE["lambda_contra"], contrast_schedule="constant", noise_mix=True)
     (chain,) = _run(g.SemanticDivergenceNode, dino=dino, lambda_dir_cls=IMAGE["lambda_dir_cls"], diff_iter=DIFF_ITER,
@@ -137,7 +137,7 @@ def test_blended_graph_equals_blended_edit(models):
         image = _image(h, w, 4)
         mask = torch.zeros(1, h, w)
         mask[:, h // 4: 3 * h // 4, w // 3: 2 * w // 3] = 1
-        # workflows/blended_diffusion.json: Masked CLIP -> Range; Background Blend; sampler; CLIP Rank
+        # workflows/Blended Diffusion local edit.json: Masked CLIP -> Range; Background Blend; sampler; CLIP Rank
         (chain,) = _run(g.MaskedCLIPLossNode, clip=clip, prompt=prompt, lambda_clip=1000.0, n_cuts=3)
         (chain,) = _run(g.RangeLossNode, weight=50.0, guidance=chain)
         (blend,) = _run(BackgroundBlend, mask=mask)

@@ -16,8 +16,8 @@ def _run(node, **kwargs):
 
 
 def _workflow_geometry():
-    """Image size, edit mask and Background Blend settings of workflows/chain_with_core_nodes.json."""
-    with open(os.path.join(ROOT, "workflows", "chain_with_core_nodes.json")) as f:
+    """Image size, edit mask and Background Blend settings of workflows/Blended Diffusion with core nodes.json."""
+    with open(os.path.join(ROOT, "workflows", "Blended Diffusion with core nodes.json")) as f:
         nodes = {n["type"] if n["type"] not in ("SolidMask",) else n["title"]: n for n in json.load(f)["nodes"]}
     _, width, height, _ = nodes["ImageScale"]["widgets_values"]
     value, cw, ch = nodes["Canvas (keep)"]["widgets_values"]

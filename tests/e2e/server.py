@@ -189,6 +189,7 @@ class RunResult:
     cached: list = field(default_factory=list)  # node ids reported as cached
     error: Optional[dict] = None  # execution_error data
     history: dict = field(default_factory=dict)  # /history/<id> entry
+    ws_finished: bool = False  # the run's last event (success / error / interrupted) came over /ws
 
     def progress_of(self, node_id: str) -> list:
         return [p for p in self.progress if str(p.get("node")) == str(node_id)]
@@ -374,6 +375,14 @@ class ComfyServer:
         except ValueError:
             return status, body.decode("utf-8", "replace")
 
+    def request_bytes(self, path: str, timeout: float = 60.0) -> tuple[int, str, bytes]:
+        """GET ``path`` as raw bytes (pictures): status, Content-Type, body."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status, resp.headers.get_content_type(), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get_content_type(), exc.read()
+
     def object_info(self, refresh: bool = False) -> dict:
         if self._object_info is None or refresh:
             status, body = self.request("/object_info", timeout=120)
@@ -422,7 +431,7 @@ class ComfyServer:
         """Follow one prompt over /ws until it succeeds, fails or is interrupted."""
         t0 = time.monotonic()
         result = RunResult(prompt_id=prompt_id, status="", seconds=0.0)
-        last_poll, done_at = t0, None
+        last_poll = t0
         while not result.status:
             if time.monotonic() - t0 > timeout:
                 self.interrupt()
@@ -439,11 +448,8 @@ class ComfyServer:
                 last_poll = time.monotonic()
                 entry = self.history(prompt_id)
                 if entry and (entry.get("status") or {}).get("completed") is not None:
-                    # history can say "done" before /ws has delivered the run's last events: keep reading
-                    # until the terminal event, and fall back to history only when /ws stays silent
-                    done_at = done_at or time.monotonic()
-                    if message is None and time.monotonic() - done_at > 10:
-                        result.status = "success" if entry["status"].get("status_str") == "success" else "error"
+                    result.status = "success" if entry["status"].get("status_str") == "success" else "error"
+                    self._drain(result, on_progress)
         result.seconds = time.monotonic() - t0
         for _ in range(40):
             entry = self.history(prompt_id)
@@ -458,6 +464,15 @@ class ComfyServer:
                 elif kind == "execution_interrupted":
                     result.status = "interrupted"
         return result
+
+    def _drain(self, result: RunResult, on_progress, seconds: float = 10.0) -> None:
+        """After /history says the run is over, read what /ws still has in flight (a loaded machine's
+        server can record the result before it has sent the last progress events) up to the final event."""
+        deadline = time.monotonic() + seconds
+        while not result.ws_finished and time.monotonic() < deadline and self.ws is not None and not self.ws.closed:
+            message = self.ws.recv(0.5)
+            if message is not None:
+                self._handle(message, result, on_progress)
 
     def _handle(self, message: tuple[int, bytes], result: RunResult, on_progress) -> None:
         opcode, payload = message
@@ -489,11 +504,11 @@ class ComfyServer:
         elif kind == "execution_cached":
             result.cached.extend(str(n) for n in data.get("nodes") or [])
         elif kind == "execution_error":
-            result.status, result.error = "error", data
+            result.status, result.error, result.ws_finished = "error", data, True
         elif kind == "execution_interrupted":
-            result.status = "interrupted"
+            result.status, result.ws_finished = "interrupted", True
         elif kind == "execution_success":
-            result.status = "success"
+            result.status, result.ws_finished = "success", True
 
     def run(self, prompt: dict, timeout: float = 300.0, on_progress=None) -> RunResult:
         return self.wait(self.submit(prompt), timeout, on_progress)

@@ -121,5 +121,7 @@ SD15_BLENDED_EDIT = {
                "ViT-B-16.pt in models/clip_guidance."}],
 }
 
-GRAPHS = {"sd15_diffuseit_text.json": SD15_DIFFUSEIT_TEXT, "sdxl_diffuseit_image.json": SDXL_DIFFUSEIT_IMAGE,
-          "sd15_blended_edit.json": SD15_BLENDED_EDIT}
+# file names are the template browser's titles (tests/test_workflow_thumbnails.py)
+GRAPHS = {"SD1.5 DiffuseIT text-guided translation.json": SD15_DIFFUSEIT_TEXT,
+          "SDXL DiffuseIT image-guided translation.json": SDXL_DIFFUSEIT_IMAGE,
+          "SD1.5 Blended Diffusion local edit.json": SD15_BLENDED_EDIT}

@@ -139,7 +139,6 @@ class Schema:
     outputs: list = None
     hidden: list = None
     description: str = ""
-    search_aliases: list = None
     is_input_list: bool = False
     is_output_node: bool = False
     is_deprecated: bool = False
