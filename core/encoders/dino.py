@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from ..tiny_guard import file_sha256
 from ..weights_file import check_weights_file
 
 DINO_URL_TEMPLATE = "https://dl.fbaipublicfiles.com/dino/{stem}/{stem}.pth"
@@ -196,20 +197,10 @@ def _sidecar_num_heads(path: Path) -> Optional[int]:
             value = config.get("num_heads")
         except (OSError, ValueError, AttributeError):
             return None
-        if config.get("sha256") and config["sha256"] != _sha256(path):
+        if config.get("sha256") and config["sha256"] != file_sha256(path):
             return None  # written for another file of this name
         return int(value) if value else None
     return None
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def infer_dino_config(sd: StateDict, num_heads: Optional[int] = None) -> DINOViTConfig:
