@@ -247,7 +247,7 @@ def tiny_sd15_checkpoint(cache_dir: PathLike, seed: int = 0) -> Path:
     path = Path(cache_dir) / name
     if path.is_file() and path.stat().st_size == sd15_file_size():
         return path
-    return write_tiny_sd15(cache_dir, name, seed)
+    return write_tiny_sd15(cache_dir, name, seed, force=True)  # the cache is ours: a damaged entry is rewritten
 
 
 def link_tiny_sd15(models_dir: PathLike, cache_dir: PathLike, seed: int = 0) -> Path:

@@ -66,12 +66,12 @@ class GuidedSampler(io.ComfyNode):
                                          "(at most max_restarts times)."),
                 advanced(io.Int.Input, "max_restarts", default=3, min=0, max=100,
                          tooltip="Upper bound on range restarts per sample (upstream has none)."),
-                io.Boolean.Input("keep_aspect", default=True,
+                io.Boolean.Input("keep_aspect", default=True, optional=True,
                                  tooltip="Sample at the image's aspect ratio: short side at the model's resolution, "
                                          "long side to the nearest multiple of the UNet's downsampling factor (32 "
                                          "for the 256 px model; 1600x900 -> 448x256), at most 4:1. Off = upstream's "
                                          "square (a wide photo comes back squashed). Ignored with a Background Blend."),
-                advanced(io.Boolean.Input, "upscale_to_source", default=False,
+                advanced(io.Boolean.Input, "upscale_to_source", default=False, optional=True,
                          tooltip="Resize the results back to the input image's size (bicubic). Off = the "
                                  "size they were sampled at. Ignored with a Background Blend (it always "
                                  "returns the full-size image)."),

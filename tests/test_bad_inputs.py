@@ -302,8 +302,11 @@ def test_clip_rank_accepts_one_mask_per_source_image(pack):
     alone = [_run(CLIPRank, images=images[2 * i:2 * i + 2], clip=clip, prompt="a cat", top_k=2, mask=masks[i:i + 1],
                   crop_size=32) for i in range(2)]
     import json
-    scores = torch.tensor(json.loads(together[2]))
-    expected = torch.tensor(sorted(json.loads(alone[0][2]) + json.loads(alone[1][2])))
+    def ranked(scores_json):  # CLIP Rank's scores: one object per sample, best first
+        return [entry["score"] for entry in json.loads(scores_json)]
+
+    scores = torch.tensor(ranked(together[2]))
+    expected = torch.tensor(sorted(ranked(alone[0][2]) + ranked(alone[1][2])))
     assert together[0].shape == (4, 48, 64, 3)
     assert torch.allclose(scores, expected, rtol=0, atol=float32_atol(expected, 64) + 1e-6)  # JSON keeps 6 decimals
     with pytest.raises(ValueError) as err:

@@ -14,7 +14,7 @@ ADVANCED = {
     "DINOStyleLoss": {"noise_mix"},
     "SemanticDivergence": {"noise_mix"},
     "BackgroundBlend": {"enforce_background", "soft_mask", "dilate", "crop_margin", "feather"},
-    "GuidedSampler": {"chunk_size", "max_restarts"},
+    "GuidedSampler": {"chunk_size", "max_restarts", "upscale_to_source"},
     "CLIPRank": {"crop_size", "crop_margin"},
 }
 

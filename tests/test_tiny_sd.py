@@ -137,9 +137,9 @@ def test_cli_writes_the_checkpoint_only_when_asked(tmp_path, monkeypatch, capsys
     from core.cli import main
 
     for writer in ("write_tiny_dino", "write_tiny_clip", "write_tiny_lpips"):  # covered in test_tiny_models
-        monkeypatch.setattr(core.tiny_models, writer, lambda folder: folder)
+        monkeypatch.setattr(core.tiny_models, writer, lambda folder, **kw: folder)
     calls = []
-    monkeypatch.setattr(tiny_sd, "write_tiny_sd15", lambda folder, seed=0: calls.append((folder, seed)) or folder)
+    monkeypatch.setattr(tiny_sd, "write_tiny_sd15", lambda folder, seed=0, **kw: calls.append((folder, seed)) or folder)
     assert main(["tiny-models", str(tmp_path / "a")]) == 0 and calls == []
     assert main(["tiny-models", str(tmp_path / "b"), "--sd15", "--seed", "7"]) == 0
     assert calls == [(tmp_path / "b" / "checkpoints", 7)]
@@ -151,7 +151,7 @@ def test_cli_writes_the_checkpoint_only_when_asked(tmp_path, monkeypatch, capsys
 def test_vae_approx_gets_encoder_decoder_pairs_of_every_family(tmp_path):
     written = write_tiny_models(tmp_path, dino=False, clip=False, lpips=False)
     assert written["vae_approx"] == tmp_path / "vae_approx" / "taesd_decoder.safetensors"
-    names = sorted(p.name for p in (tmp_path / "vae_approx").iterdir())
+    names = sorted(p.name for p in (tmp_path / "vae_approx").glob("*.safetensors"))
     assert names == sorted(f"{f}_{half}.safetensors" for f in tiny_sd.TAESD_FAMILIES for half in ("encoder", "decoder"))
     for fmt in LATENT_FORMATS.values():
         decoder = load_taesd_decoder(tmp_path / "vae_approx" / f"{fmt.taesd_decoder}.safetensors")
