@@ -296,8 +296,3 @@ def vae_decoder(vae: Any, model_latent_format: Any):
 
 def vae_latent_channels(vae: Any) -> int:
     return int(getattr(vae, "latent_channels", 4))
-
-
-def current_device_models(models: list) -> list:
-    """The ComfyUI patchers of the pack's managed models (for ``set_additional_models``)."""
-    return [m.patcher for m in models]

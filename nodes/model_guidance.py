@@ -101,7 +101,7 @@ class ApplyGuidanceToModel(io.ComfyNode):
         guided = model.clone()
         if guide.enabled:
             guided.set_model_sampler_post_cfg_function(_post_cfg(guide))
-            extra = bridge.current_device_models(managed) + ([decoder_patcher] if decoder_patcher is not None else [])
+            extra = [m.patcher for m in managed] + ([decoder_patcher] if decoder_patcher is not None else [])
             if extra:
                 guided.set_additional_models(ADDITIONAL_MODELS_KEY, extra)
         return io.NodeOutput(guided)

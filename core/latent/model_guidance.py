@@ -86,12 +86,11 @@ def rows_of(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 def fit_to(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Resize ``[N, C, H, W]`` to the decoded image's ``size`` (aspect not kept, like VAE Encode's crop-free
-    input): bilinear with antialias for images, area-averaged for masks (soft edges stay soft)."""
+    input): bilinear with antialias (a mask's edges stay soft), clamped to [-1, 1] for images, [0, 1] for masks."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    if mode == "mask":
-        return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1, 1)
+    low = 0.0 if mode == "mask" else -1.0
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(low, 1.0)
 
 
 def make_autograd_safe(modules: Sequence[torch.nn.Module]) -> None:
@@ -119,14 +118,12 @@ class LatentGuide:
     needs one; ``mask``: ``[1 or B, 1, H, W]`` in [0, 1], 1 = edit (masked terms without their own mask
     follow it); ``strength``, ``band``: step size and where guidance acts; ``seed``: the terms' random
     augmentations (row r draws from ``row_seed(seed, r, STREAM_AUGMENT)``, as the pixel sampler's rows
-    do); ``modules``: the models taking part in the backward pass (made autograd-safe once per run);
-    ``on_call(info)``: observer, called after every guided call with the step's losses.
+    do); ``modules``: the models taking part in the backward pass (made autograd-safe once per run).
     """
 
     def __init__(self, terms: Sequence[Any], decode: Callable[[torch.Tensor], torch.Tensor],
                  source: Optional[torch.Tensor], *, mask: Optional[torch.Tensor] = None, strength: float = 0.3,
-                 band: GuidanceBand = GuidanceBand(), seed: int = 0, modules: Sequence[torch.nn.Module] = (),
-                 on_call: Optional[Callable[[dict], None]] = None) -> None:
+                 band: GuidanceBand = GuidanceBand(), seed: int = 0, modules: Sequence[torch.nn.Module] = ()) -> None:
         if source is None:
             needing = [t.name for t in terms if getattr(t, "needs_source", True)]
             if needing:
@@ -134,7 +131,7 @@ class LatentGuide:
                                           "the image being translated (the picture that went into VAE Encode)")
         self.terms, self.decode, self.source, self.mask = tuple(terms), decode, source, mask
         self.strength, self.band, self.seed = float(strength), band, int(seed)
-        self.modules, self.on_call = tuple(modules), on_call
+        self.modules = tuple(modules)
         self.run: Optional[_Run] = None
         self.total_guided_calls = 0  # over every run: what tests and benchmarks count
         self.guided_steps: set = set()  # sampler step indices of the latest run that were guided
@@ -183,9 +180,9 @@ class LatentGuide:
         """Terms are prepared at the first guided call, when the decoded size is known. Everything made here
         is a normal tensor (copied outside inference mode): losses save the source and the mask for backward."""
         with torch.inference_mode(False), torch.no_grad():
-            self._prepare_tensors(run, size, device)
+            self._fill_run(run, size, device)
 
-    def _prepare_tensors(self, run: _Run, size: tuple[int, int], device: torch.device) -> None:
+    def _fill_run(self, run: _Run, size: tuple[int, int], device: torch.device) -> None:
         if self.source is not None:
             source = fit_to(self.source.to(device=device, dtype=torch.float32), size, "image")
             run.source = rows_of(source, run.batch, "the source image").clone()
@@ -226,7 +223,4 @@ class LatentGuide:
         if result.step_size is not None:
             rho = result.step_size.max()
             self._max_rho = rho if self._max_rho is None else torch.maximum(self._max_rho, rho)
-        if self.on_call is not None:
-            self.on_call({"step": step, "steps": steps, "progress": progress, "losses": result.losses,
-                          "step_size": result.step_size})
         return result.x0
